@@ -1,0 +1,1 @@
+"""Problem instances built on the public bilevel API: ``imaml``, ``hyperparameter``, ``fair``."""

@@ -1,0 +1,83 @@
+"""The result every linear solver returns, and the status codes it reports."""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class Status(enum.IntEnum):
+    """Per-system outcome of a linear solve.
+
+    Stored as an integer tensor in :class:`SolveResult.status` so that it
+    survives ``torch.func.vmap``; convert with ``Status(int(code))``.
+    """
+
+    CONVERGED = 0
+    MAX_ITERATIONS = 1
+    BREAKDOWN = 2
+    NEGATIVE_CURVATURE = 3
+    DIVERGED = 4
+    NONFINITE = 5
+
+    def describe(self) -> str:
+        return _DESCRIPTIONS[self]
+
+
+_DESCRIPTIONS = {
+    Status.CONVERGED: "converged to the requested tolerance",
+    Status.MAX_ITERATIONS: "reached maxiter before the tolerance; raise maxiter, "
+    "loosen rtol/atol, or precondition (M=...)",
+    Status.BREAKDOWN: "the Krylov recurrence broke down (a zero or tiny pivot); "
+    "the operator may be singular: try Direct() or GMRES",
+    Status.NEGATIVE_CURVATURE: "CG met non-positive curvature p^T A p <= 0: the operator "
+    "is not positive definite; use MINRES (symmetric indefinite) or GMRES, or add damping",
+    Status.DIVERGED: "the iteration diverged (growing terms); for the Neumann series the "
+    "step alpha is too large: need spectral radius of (I - alpha A) < 1",
+    Status.NONFINITE: "NaN or Inf appeared in the operator output or the iterate",
+}
+
+
+class SolveResult(NamedTuple):
+    """Solution of ``A x = b`` with per-system diagnostics.
+
+    A ``NamedTuple`` so that it is a pytree: it passes through
+    ``torch.func.vmap`` and ``torch.utils._pytree`` unchanged.
+
+    Attributes:
+        x: the solution, same shape as ``b``.
+        converged: bool tensor of shape ``b.shape[:-1]``.
+        iterations: int64 tensor, iterations each system took.
+        residual_norm: ``||b - A x||_2`` per system, as the solver tracked it.
+        status: int64 tensor of :class:`Status` codes per system.
+        history: residual norms per iteration, shape ``(maxiter + 1, *b.shape[:-1])``,
+            when the solver was asked for it, else ``None``.
+    """
+
+    x: Tensor
+    converged: Tensor
+    iterations: Tensor
+    residual_norm: Tensor
+    status: Tensor
+    history: Tensor | None = None
+
+    def failures(self) -> list[str]:
+        """Readable descriptions of every system that did not converge (host sync)."""
+        status = self.status.reshape(-1).tolist()
+        res = self.residual_norm.reshape(-1).tolist()
+        its = self.iterations.reshape(-1).tolist()
+        out = []
+        for i, (s, r, k) in enumerate(zip(status, res, its)):
+            if s != Status.CONVERGED:
+                where = f"system {i}: " if len(status) > 1 else ""
+                out.append(f"{where}{Status(s).name} after {k} iterations, "
+                           f"residual {r:.3e}: {Status(s).describe()}")
+        return out
+
+    @property
+    def all_converged(self) -> bool:
+        """True when every system converged (host sync)."""
+        return bool(torch.all(self.converged))

@@ -1,0 +1,39 @@
+"""Shared test configuration: hypothesis profiles and the path to the real data sets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "default", deadline=None, max_examples=25,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "thorough", deadline=None, max_examples=200,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Directory of the real data sets (``../shared/data`` beside the checkout).
+
+    Override with ``BILEVEL_SHARED_DATA``. The tests that use it fail, not skip,
+    when it is missing: CI always has it.
+    """
+    path = Path(os.environ.get("BILEVEL_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"real data sets not found at {path}; set BILEVEL_SHARED_DATA to the folder "
+            "that holds omniglot/, mnist/, pdfm/ ...")
+    return path
