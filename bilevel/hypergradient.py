@@ -1,0 +1,212 @@
+"""``bilevel.hypergradient``: the gradient of ``F(theta) = f(phi*(theta), theta)``.
+
+Modes:
+
+``"implicit"`` (implicit function theorem; Rajeswaran et al., NeurIPS 2019;
+Blondel et al., NeurIPS 2022). With ``A = d_phi G(phi*, theta)``::
+
+    A^T v = d_phi f                       # one linear solve, matrix-free
+    dF/dtheta = d_theta f - (d_theta G)^T v
+
+The linearization of ``G`` at ``(phi*, theta)`` is built once (``torch.func.vjp``)
+and every solver iteration costs one vector-Jacobian product. Memory is that of
+one inner gradient, whatever the inner optimizer did.
+
+``"unrolled"``: reverse mode through ``inner_steps`` of ``inner_update`` from
+``initial_inner`` (MAML; memory grows with the steps). ``"truncated"``: reverse
+mode through the last ``truncate`` steps only (Shaban et al., AISTATS 2019).
+``"first_order"``: the unrolled derivative with the inner gradients held
+constant, so ``phi*`` depends on ``theta`` only through the initialization
+(first-order MAML; first-order DARTS when the initialization is constant).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from bilevel.errors import BilevelError
+from bilevel.policy import (OnFailure, any_vmapped, check_inner_residual, check_solve, require_finite,
+                            validate_on_failure)
+from bilevel.problem import BilevelProblem, scalar_objective
+from bilevel.pytree import PyTree, check_devices_and_dtypes, check_same_structure, ravel, tree_map, tree_norm
+from bilevel.solvers import CG, LinearSolver, SolveResult
+
+__all__ = ["HypergradientResult", "hypergradient", "check_result", "MODES"]
+
+Mode = Literal["implicit", "unrolled", "truncated", "first_order"]
+MODES = ("implicit", "unrolled", "truncated", "first_order")
+
+
+class HypergradientResult(NamedTuple):
+    """What :func:`hypergradient` returns (a pytree, so it passes through ``torch.func.vmap``).
+
+    Attributes:
+        grad: ``dF/dtheta``, same structure as ``outer``.
+        inner: the inner solution ``phi*`` (detached), same structure as the initialization.
+        outer_loss: ``f(phi*, theta)``.
+        inner_residual: ``||G(phi*, theta)||``, how far ``phi*`` is from a root.
+        solve: diagnostics of the adjoint linear solve (``"implicit"`` mode), else ``None``.
+    """
+
+    grad: PyTree
+    inner: PyTree
+    outer_loss: Tensor
+    inner_residual: Tensor
+    solve: SolveResult | None
+
+
+def hypergradient(
+    problem: BilevelProblem,
+    outer: PyTree,
+    data: Any = None,
+    *,
+    solver: LinearSolver | None = None,
+    mode: Mode = "implicit",
+    init: PyTree | None = None,
+    truncate: int | None = None,
+    on_failure: OnFailure = "warn",
+) -> HypergradientResult:
+    """Hypergradient of ``problem`` at ``outer``.
+
+    Args:
+        problem: a :class:`BilevelProblem`.
+        outer: outer parameters ``theta`` (tensor, tuple/dict of tensors).
+        data: anything the problem's methods take as ``data`` (batched under vmap).
+        solver: a :mod:`bilevel.solvers` solver for the adjoint system
+            (``"implicit"`` mode); default ``CG()``, right for minimization inner
+            problems (symmetric positive definite Hessian). Use ``MINRES()`` for
+            saddle points, ``GMRES()`` for general roots, ``Direct()`` for ground truth.
+        mode: ``"implicit"``, ``"unrolled"``, ``"truncated"`` or ``"first_order"``.
+        init: inner starting point; default ``problem.initial_inner(outer, data)``.
+        truncate: number of differentiated steps in ``"truncated"`` mode.
+        on_failure: what a non-converged adjoint solve or an inner residual above
+            ``problem.residual_tol`` does: ``"warn"`` (default), ``"raise"``
+            (:class:`~bilevel.ConvergenceError`) or ``"ignore"``. NaN or Inf always
+            raises :class:`~bilevel.NonFiniteError`. Under ``torch.func.vmap`` these
+            checks cannot read tensor values: call :func:`check_result` on the
+            vmapped result.
+
+    Returns:
+        :class:`HypergradientResult`.
+    """
+    if mode not in MODES:
+        raise BilevelError(f"mode must be one of {MODES}, got {mode!r}")
+    validate_on_failure(on_failure)
+    problem._validate()
+    if mode == "truncated":
+        if not (isinstance(truncate, int) and 1 <= truncate <= problem.inner_steps):
+            raise BilevelError(f"mode='truncated' needs truncate=k with 1 <= k <= inner_steps "
+                               f"({problem.inner_steps}), got {truncate!r}")
+    elif truncate is not None:
+        raise BilevelError(f"truncate= applies only to mode='truncated', not mode={mode!r}")
+    if solver is not None and mode != "implicit":
+        raise BilevelError(f"solver= applies only to mode='implicit', not mode={mode!r}")
+    check_devices_and_dtypes(outer=outer, data=data, init=init)
+
+    if mode == "implicit":
+        result = _implicit(problem, outer, data, init, solver if solver is not None else CG())
+    elif mode == "first_order":
+        result = _first_order(problem, outer, data, init)
+    else:
+        result = _unrolled(problem, outer, data, init, truncate if mode == "truncated" else None)
+
+    if not any_vmapped(outer, data, result.outer_loss):
+        check_result(result, on_failure=on_failure, residual_tol=problem.residual_tol)
+    return result
+
+
+def check_result(result: HypergradientResult, *, on_failure: OnFailure = "warn",
+                 residual_tol: float | None = 1e-4) -> HypergradientResult:
+    """Apply the failure policy to a (possibly vmapped) :class:`HypergradientResult`.
+
+    Raises :class:`~bilevel.NonFiniteError` on NaN/Inf in the inner solution, the
+    adjoint solve or the hypergradient; warns, raises or ignores (``on_failure``)
+    a non-converged solve or an inner residual above ``residual_tol``.
+    Returns ``result`` unchanged so that it can wrap a call.
+    """
+    validate_on_failure(on_failure)
+    require_finite(result.inner, "the inner solution phi*",
+                   "the inner solver diverged: lower inner_lr or check the inner objective")
+    if result.solve is not None:
+        check_solve(result.solve, on_failure)
+    require_finite(result.grad, "the hypergradient",
+                   "the outer objective or the optimality condition produced NaN/Inf at phi*")
+    check_inner_residual(result.inner_residual, residual_tol, on_failure)
+    return result
+
+
+def _initial(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | None) -> PyTree:
+    return problem.initial_inner(outer, data) if init is None else init
+
+
+def _outer_value_and_grads(problem: BilevelProblem, inner: PyTree, outer: PyTree, data: Any):
+    objective = scalar_objective(problem.outer_objective, f"{type(problem).__name__}.outer_objective")
+    (d_inner, d_outer), loss = torch.func.grad_and_value(objective, argnums=(0, 1))(inner, outer, data)
+    return loss, d_inner, d_outer
+
+
+def _solve_detached(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | None) -> PyTree:
+    with torch.no_grad():
+        outer_d = tree_map(torch.Tensor.detach, outer)
+        start = tree_map(torch.Tensor.detach, _initial(problem, outer_d, data, init))
+        inner = problem.solve_inner(outer_d, data, start)
+        check_same_structure(start, inner, f"{type(problem).__name__}.solve_inner's result", "the initialization")
+    return tree_map(torch.Tensor.detach, inner)
+
+
+def _implicit(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | None,
+              solver: LinearSolver) -> HypergradientResult:
+    inner = _solve_detached(problem, outer, data, init)
+    residual, vjp_fn = torch.func.vjp(lambda i, o: problem.optimality(i, o, data), inner, outer)
+    check_same_structure(inner, residual, f"{type(problem).__name__}.optimality's output", "the inner parameters")
+    loss, d_inner, d_outer = _outer_value_and_grads(problem, inner, outer, data)
+
+    b, unravel = ravel(d_inner)
+
+    def adjoint_matvec(v: Tensor) -> Tensor:  # (d_phi G)^T v
+        return ravel(vjp_fn(unravel(v))[0])[0]
+
+    solve = solver(adjoint_matvec, b)
+    _, cross = vjp_fn(unravel(solve.x))
+    grad = tree_map(lambda direct, indirect: direct - indirect, d_outer, cross)
+    return HypergradientResult(grad, inner, loss.detach(), tree_norm(residual).detach(), solve)
+
+
+def _first_order(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | None) -> HypergradientResult:
+    inner = _solve_detached(problem, outer, data, init)
+    loss, d_inner, d_outer = _outer_value_and_grads(problem, inner, outer, data)
+    if init is None:  # phi* depends on theta through its initialization only
+        _, init_vjp = torch.func.vjp(lambda o: problem.initial_inner(o, data), outer)
+        (through_init,) = init_vjp(d_inner)
+        d_outer = tree_map(torch.add, d_outer, through_init)
+    residual = tree_norm(problem.optimality(inner, outer, data)).detach()
+    return HypergradientResult(d_outer, inner, loss.detach(), residual, None)
+
+
+def _unrolled(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | None,
+              truncate: int | None) -> HypergradientResult:
+    steps = problem.inner_steps
+    objective = scalar_objective(problem.outer_objective, f"{type(problem).__name__}.outer_objective")
+
+    def unrolled_loss(o: PyTree):
+        if truncate is None:
+            inner = _initial(problem, o, data, init)
+            differentiated = steps
+        else:
+            with torch.no_grad():
+                inner = tree_map(torch.Tensor.detach, _initial(problem, o, data, init))
+                for _ in range(steps - truncate):
+                    inner = problem.inner_update(inner, o, data)
+            inner = tree_map(torch.Tensor.detach, inner)
+            differentiated = truncate
+        for _ in range(differentiated):
+            inner = problem.inner_update(inner, o, data)
+        return objective(inner, o, data), inner
+
+    grad, (loss, inner) = torch.func.grad_and_value(unrolled_loss, has_aux=True)(outer)
+    inner = tree_map(torch.Tensor.detach, inner)
+    residual = tree_norm(problem.optimality(inner, outer, data)).detach()
+    return HypergradientResult(grad, inner, loss.detach(), residual, None)

@@ -1,0 +1,68 @@
+"""What happens when a solve fails: warn (default), raise, or ignore.
+
+Host-side checks (they read tensor values), so they run only outside
+``torch.func.vmap``; under vmap the diagnostics travel with the result and
+:func:`bilevel.check_result` applies the policy afterwards.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from bilevel.errors import BilevelError, ConvergenceError, ConvergenceWarning, NonFiniteError
+from bilevel.pytree import PyTree, tree_leaves
+from bilevel.solvers import SolveResult, is_vmapped
+
+OnFailure = Literal["warn", "raise", "ignore"]
+ON_FAILURE = ("warn", "raise", "ignore")
+
+
+def validate_on_failure(on_failure: str) -> None:
+    if on_failure not in ON_FAILURE:
+        raise BilevelError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+
+
+def any_vmapped(*trees: PyTree) -> bool:
+    """True when any tensor leaf is batched by ``torch.func.vmap`` (host checks impossible)."""
+    return any(isinstance(t, Tensor) and is_vmapped(t) for tree in trees for t in tree_leaves(tree))
+
+
+def require_finite(tree: PyTree, where: str, fix: str) -> None:
+    """Raise :class:`NonFiniteError` naming ``where`` if any leaf holds NaN or Inf."""
+    for i, leaf in enumerate(tree_leaves(tree)):
+        if isinstance(leaf, Tensor) and leaf.is_floating_point() and not bool(torch.isfinite(leaf).all()):
+            raise NonFiniteError(f"NaN or Inf in {where} (leaf {i}, shape {tuple(leaf.shape)}); {fix}")
+
+
+def report(message: str, on_failure: OnFailure) -> None:
+    """Warn, raise :class:`ConvergenceError`, or stay silent, as ``on_failure`` says."""
+    if on_failure == "raise":
+        raise ConvergenceError(message)
+    if on_failure == "warn":
+        warnings.warn(message, ConvergenceWarning, stacklevel=4)
+
+
+def check_inner_residual(residual: Tensor, residual_tol: float | None, on_failure: OnFailure) -> None:
+    if residual_tol is None:
+        return
+    worst = float(residual.max())
+    if worst > residual_tol:
+        report(
+            f"inner solution is not a root of the optimality condition: ||G(phi*, theta)|| = "
+            f"{worst:.3e} > residual_tol = {residual_tol:.1e}, so the implicit hypergradient is "
+            "approximate; solve the inner problem further (more inner_steps, a smaller inner_tol, "
+            "a better inner optimizer), or set on_failure='ignore' if an approximate inner "
+            "solution is intended", on_failure)
+
+
+def check_solve(solve: SolveResult, on_failure: OnFailure) -> None:
+    require_finite(solve.x, "the adjoint linear solve",
+                   "the linear system may be singular or the solver unstable; try solver=Direct() "
+                   "or add damping (ridge=...)")
+    if not solve.all_converged:
+        lines = "\n  ".join(solve.failures())
+        report(f"adjoint linear solve did not converge:\n  {lines}", on_failure)

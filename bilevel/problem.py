@@ -1,0 +1,118 @@
+"""The bilevel problem API: subclass :class:`BilevelProblem`.
+
+Outer problem ``min_theta F(theta) = f(phi*(theta), theta, data)`` where
+``phi*(theta)`` is a root of the optimality condition ``G(phi, theta, data) = 0``:
+by default ``G = grad_phi g`` for an inner objective ``g``, so ``phi*`` is a
+stationary point (a minimizer when ``g`` is strongly convex in ``phi``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from bilevel.errors import BilevelError
+from bilevel.policy import any_vmapped
+from bilevel.pytree import PyTree, tree_map, tree_norm
+
+__all__ = ["BilevelProblem", "scalar_objective"]
+
+
+def scalar_objective(fn: Callable[..., Tensor], name: str) -> Callable[..., Tensor]:
+    """Wrap ``fn`` so that a non-scalar return value raises a clear :class:`BilevelError`."""
+
+    def checked(*args: Any) -> Tensor:
+        out = fn(*args)
+        if not isinstance(out, Tensor) or out.dim() != 0:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise BilevelError(f"{name} must return a scalar tensor, got {shape}; "
+                               "reduce it with .mean() or .sum()")
+        return out
+
+    return checked
+
+
+class BilevelProblem:
+    """Base class of a bilevel problem.
+
+    Define :meth:`outer_objective`, :meth:`initial_inner`, and either
+    :meth:`inner_objective` (a minimization inner problem) or :meth:`optimality`
+    (a general root ``G(phi, theta) = 0``: fixed points, saddle points). Override
+    :meth:`solve_inner` to use your own inner optimizer: the implicit
+    hypergradient needs only its result, never its path.
+
+    ``inner``, ``outer`` may be tensors, tuples or dicts of tensors (e.g. the
+    parameters of an ``nn.Module`` used through ``torch.func.functional_call``);
+    ``data`` is passed through untouched.
+
+    Attributes (override on the subclass or the instance):
+        inner_lr: step of the default inner update ``phi <- phi - inner_lr * G(phi, theta)``.
+        inner_steps: steps of the default :meth:`solve_inner` (at most) and of the
+            ``"unrolled"``/``"truncated"`` modes (exactly).
+        inner_tol: the default :meth:`solve_inner` stops once ``||G|| <= inner_tol``
+            (checked every 10 steps, and never under ``torch.func.vmap``).
+        residual_tol: :func:`bilevel.hypergradient` reports an inner solution whose
+            residual ``||G(phi*, theta)||`` exceeds it (``None`` disables the check).
+    """
+
+    inner_lr: float = 0.1
+    inner_steps: int = 100
+    inner_tol: float = 1e-6
+    residual_tol: float | None = 1e-4
+
+    def inner_objective(self, inner: PyTree, outer: PyTree, data: Any) -> Tensor:
+        """Scalar inner loss ``g(phi, theta)``; ``phi*`` minimizes it."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must define inner_objective(inner, outer, data) "
+            "or optimality(inner, outer, data)")
+
+    def outer_objective(self, inner: PyTree, outer: PyTree, data: Any) -> Tensor:
+        """Scalar outer loss ``f(phi, theta)`` evaluated at the inner solution."""
+        raise NotImplementedError(f"{type(self).__name__} must define outer_objective(inner, outer, data)")
+
+    def initial_inner(self, outer: PyTree, data: Any) -> PyTree:
+        """Starting point of the inner solve (e.g. ``outer`` itself in iMAML, zeros in ridge)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must define initial_inner(outer, data), or pass init=... "
+            "to bilevel.hypergradient")
+
+    def optimality(self, inner: PyTree, outer: PyTree, data: Any) -> PyTree:
+        """``G(phi, theta)``, zero at the inner solution; same structure as ``inner``.
+
+        Default: ``grad_phi inner_objective`` (via ``torch.func.grad``).
+        """
+        objective = scalar_objective(self.inner_objective, f"{type(self).__name__}.inner_objective")
+        return torch.func.grad(objective)(inner, outer, data)
+
+    def inner_update(self, inner: PyTree, outer: PyTree, data: Any) -> PyTree:
+        """One differentiable inner step, ``phi - inner_lr * G(phi, theta)``.
+
+        Gradient descent on the inner objective; for a fixed point written as
+        ``G = phi - T(phi)`` with ``inner_lr = 1`` it is the iteration ``phi <- T(phi)``.
+        The ``"unrolled"`` and ``"truncated"`` modes differentiate through it.
+        """
+        step = self.optimality(inner, outer, data)
+        return tree_map(lambda p, g: p - self.inner_lr * g, inner, step)
+
+    def solve_inner(self, outer: PyTree, data: Any, init: PyTree) -> PyTree:
+        """Approximate ``phi*``: up to ``inner_steps`` of :meth:`inner_update` from ``init``.
+
+        Called without a graph; stops early once ``||G|| <= inner_tol`` (checked
+        every 10 steps outside ``torch.func.vmap``).
+        """
+        inner = init
+        check_early_exit = not any_vmapped(init, outer)
+        for step in range(1, self.inner_steps + 1):
+            inner = self.inner_update(inner, outer, data)
+            if check_early_exit and step % 10 == 0:
+                if float(tree_norm(self.optimality(inner, outer, data))) <= self.inner_tol:
+                    break
+        return inner
+
+    def _validate(self) -> None:
+        if not (isinstance(self.inner_steps, int) and self.inner_steps >= 0):
+            raise BilevelError(f"inner_steps must be a non-negative int, got {self.inner_steps!r}")
+        if not self.inner_lr > 0:
+            raise BilevelError(f"inner_lr must be positive, got {self.inner_lr!r}")
