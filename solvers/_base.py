@@ -1,0 +1,246 @@
+"""Pieces shared by every linear solver.
+
+Conventions
+-----------
+``b`` has shape ``(*batch, n)``: the last dimension is the unknown, every
+leading dimension indexes an independent system. ``matvec`` maps a tensor
+shaped like ``b`` to a tensor shaped like ``b`` and applies each system's
+operator to its own row. Per-system scalars (step sizes, norms, status codes)
+therefore have shape ``batch`` and vectors ``(*batch, n)``.
+
+Every solver stops a system once ``||b - A x|| <= max(rtol * ||b||, atol)``,
+the test of :mod:`scipy.sparse.linalg`. A stopped system is frozen with
+``torch.where`` masks, so a batch of systems behaves exactly like the same
+systems solved one at a time.
+
+Nothing here branches on tensor values while ``torch.func.vmap`` is active:
+the host-side "has every system finished?" check is skipped for batched
+(vmapped) tensors, and the loop then simply runs to ``maxiter``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from ._result import SolveResult, Status
+
+__all__ = ["LinearSolver", "MatVec", "Preconditioner", "is_vmapped"]
+
+MatVec = Callable[[Tensor], Tensor]
+"""Applies ``A`` to a tensor shaped like ``b``."""
+
+Preconditioner = Callable[[Tensor], Tensor]
+"""Applies ``M ~ A^{-1}`` to a tensor shaped like ``b`` (scipy's ``M``)."""
+
+RUNNING = -1
+"""Internal status code of a system that is still iterating."""
+
+_CHECK_EVERY = 8
+"""Off the CPU, look at the all-finished flag only every this many iterations."""
+
+
+@runtime_checkable
+class LinearSolver(Protocol):
+    """Anything that solves ``A x = b`` given ``matvec(v) = A v``."""
+
+    def __call__(self, matvec: MatVec, b: Tensor, x0: Tensor | None = None) -> SolveResult:
+        ...
+
+
+def is_vmapped(t: Tensor) -> bool:
+    """True when ``t`` is (or wraps) a ``torch.func.vmap`` BatchedTensor.
+
+    Peels functorch wrappers (GradTrackingTensor from ``torch.func.grad``/``vjp``,
+    BatchedTensor from ``vmap``) one level at a time. Inside ``vmap`` a tensor's
+    values are not available to Python, so data-dependent host checks must be
+    skipped.
+    """
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
+# ----------------------------------------------------------------- validation
+
+def check_nonnegative(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return float(value)
+
+
+def check_positive(name: str, value: float) -> float:
+    value = check_nonnegative(name, value)
+    if value == 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def check_count(name: str, value: int | None, *, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int{' or None' if allow_none else ''}, "
+                        f"got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def check_callable(name: str, value: object) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be a callable applying the operator to a tensor "
+                        f"shaped like b, or None; got {type(value).__name__}")
+
+
+def check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def check_iterative(solver: object) -> None:
+    """Validate the options every iterative solver shares."""
+    for name in ("rtol", "atol", "ridge"):
+        check_nonnegative(name, getattr(solver, name))
+    check_count("maxiter", getattr(solver, "maxiter"))
+    check_callable("M", getattr(solver, "M"))
+    check_flag("history", getattr(solver, "history"))
+
+
+# ------------------------------------------------------------- tensor helpers
+
+def dot(u: Tensor, v: Tensor) -> Tensor:
+    """Per-system inner product over the last dimension."""
+    return (u * v).sum(-1)
+
+
+def norm(v: Tensor) -> Tensor:
+    """Per-system Euclidean norm over the last dimension."""
+    return torch.linalg.vector_norm(v, dim=-1)
+
+
+def vec(s: Tensor) -> Tensor:
+    """Lift a per-system scalar to broadcast against ``(*batch, n)`` vectors."""
+    return s.unsqueeze(-1)
+
+
+def select(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """``new`` where ``mask`` (shape ``batch``) holds, else ``old``; scalars or vectors."""
+    if new.dim() > mask.dim():
+        mask = vec(mask)
+    return torch.where(mask, new, old)
+
+
+def safe_div(num: Tensor, den: Tensor, ok: Tensor) -> Tensor:
+    """``num / den`` where ``ok``, else ``num`` (finite, gradient-safe placeholder)."""
+    return num / torch.where(ok, den, torch.ones_like(den))
+
+
+def finite(v: Tensor) -> Tensor:
+    """Per-system: every entry of the ``(*batch, n)`` vector ``v`` is finite."""
+    return torch.isfinite(v).all(-1)
+
+
+def tiny(dtype: torch.dtype) -> float:
+    """Machine epsilon of ``dtype``: the breakdown threshold of the recurrences."""
+    return torch.finfo(dtype).eps
+
+
+def all_finished(active: Tensor, iteration: int) -> bool:
+    """Host-side early exit: True when no system is still active.
+
+    Never consulted under ``vmap`` (the answer is not known to Python there), and
+    off the CPU only every ``_CHECK_EVERY`` iterations to limit device syncs.
+    """
+    if is_vmapped(active):
+        return False
+    if active.device.type != "cpu" and iteration % _CHECK_EVERY:
+        return False
+    return not bool(active.any())
+
+
+# ---------------------------------------------------------- solve scaffolding
+
+def operator(matvec: MatVec, ridge: float) -> MatVec:
+    """``v -> A v + ridge * v`` with a shape check on the user's ``matvec``."""
+    check_callable("matvec", matvec)
+    if matvec is None:
+        raise TypeError("matvec must be a callable, got None")
+
+    def apply(v: Tensor) -> Tensor:
+        out = matvec(v)
+        if not isinstance(out, Tensor) or out.shape != v.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"matvec must return a tensor shaped like its input "
+                             f"{tuple(v.shape)}, got {got}")
+        return out + ridge * v if ridge else out
+
+    return apply
+
+
+def identity(v: Tensor) -> Tensor:
+    return v
+
+
+def check_rhs(b: Tensor, x0: Tensor | None) -> None:
+    if not isinstance(b, Tensor):
+        raise TypeError(f"b must be a torch.Tensor, got {type(b).__name__}")
+    if b.dim() < 1:
+        raise ValueError("b must have shape (n,) or (batch, n); got a 0-d tensor")
+    if not b.is_floating_point():
+        raise TypeError(f"b must be a real floating tensor (float32/float64), got {b.dtype}")
+    if x0 is not None:
+        if not isinstance(x0, Tensor):
+            raise TypeError(f"x0 must be a torch.Tensor or None, got {type(x0).__name__}")
+        if x0.shape != b.shape:
+            raise ValueError(f"x0 must have the shape of b {tuple(b.shape)}, "
+                             f"got {tuple(x0.shape)}")
+
+
+class Start:
+    """Initial state of an iterative solve: iterate, residual, tolerance, bookkeeping."""
+
+    def __init__(self, op: MatVec, b: Tensor, x0: Tensor | None, rtol: float, atol: float):
+        check_rhs(b, x0)
+        if x0 is None:
+            self.x = torch.zeros_like(b)
+            self.r = b
+        else:
+            self.x = x0.to(dtype=b.dtype, device=b.device)
+            self.r = b - op(self.x)
+        self.rnorm = norm(self.r)
+        bnorm = norm(b)
+        self.tol = torch.clamp(rtol * bnorm, min=atol)
+        batch = self.rnorm.shape
+        self.iterations = torch.zeros(batch, dtype=torch.int64, device=b.device)
+        ok = finite(self.r) & finite(self.x)
+        status = torch.full(batch, RUNNING, dtype=torch.int64, device=b.device)
+        status = mark(status, self.rnorm <= self.tol, Status.CONVERGED)
+        self.status = mark(status, ~ok, Status.NONFINITE)
+
+
+def finish(op: MatVec, b: Tensor, x: Tensor, status: Tensor, iterations: Tensor,
+           history: list[Tensor] | None, maxiter: int) -> SolveResult:
+    """Close a solve: true residual (one extra matvec), final status, padded history."""
+    rnorm = norm(b - op(x))
+    status = torch.where(status == RUNNING, int(Status.MAX_ITERATIONS), status)
+    nonfinite = ~torch.isfinite(rnorm) & (status == int(Status.CONVERGED))
+    status = torch.where(nonfinite, int(Status.NONFINITE), status).to(torch.int64)
+    hist = None
+    if history is not None:
+        hist = torch.stack(history + [history[-1]] * (maxiter + 1 - len(history)))
+    return SolveResult(x=x, converged=status == int(Status.CONVERGED), iterations=iterations,
+                       residual_norm=rnorm, status=status, history=hist)
+
+
+def mark(status: Tensor, mask: Tensor, code: Status) -> Tensor:
+    """Set ``code`` where ``mask`` holds (only ever applied to running systems)."""
+    return torch.where(mask, int(code), status)

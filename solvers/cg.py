@@ -1,0 +1,98 @@
+"""Preconditioned conjugate gradients for symmetric positive definite systems."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import _base as B
+from ._base import MatVec, Preconditioner
+from ._result import SolveResult, Status
+
+
+@dataclass(frozen=True)
+class CG:
+    """Conjugate gradients (Hestenes & Stiefel, 1952).
+
+    For symmetric positive definite ``A`` (and SPD preconditioner ``M``), CG picks
+    the iterate ``x_k`` in ``x_0 + K_k(MA, M r_0)`` minimising the ``A``-norm of
+    the error. Each step moves along a direction ``p_k`` that is ``A``-conjugate
+    to all previous ones::
+
+        alpha = (r, z) / (p, A p);  x += alpha p;  r -= alpha A p
+        z = M r;  beta = (r_new, z_new) / (r, z);  p = z + beta p
+
+    One matvec per iteration, a handful of vectors of memory; in exact arithmetic
+    it terminates in at most ``n`` steps, and the error contracts by
+    ``(sqrt(kappa) - 1) / (sqrt(kappa) + 1)`` per step.
+
+    When a direction has ``p^T A p <= 0`` the operator is not positive definite:
+    that system stops at its last iterate with ``Status.NEGATIVE_CURVATURE``
+    (use :class:`~bilevel.solvers.MINRES` or :class:`~bilevel.solvers.GMRES`).
+
+    Args:
+        rtol, atol: stop a system once ``||b - A x|| <= max(rtol ||b||, atol)``.
+        maxiter: iteration cap per system; ``None`` means ``10 n`` (scipy's default).
+        M: preconditioner, a callable applying ``M ~ A^{-1}`` (must be SPD).
+        ridge: solve ``(A + ridge I) x = b`` instead.
+        history: record the residual norm after every iteration.
+    """
+
+    rtol: float = 1e-5
+    atol: float = 0.0
+    maxiter: int | None = None
+    M: Preconditioner | None = None
+    ridge: float = 0.0
+    history: bool = False
+
+    def __post_init__(self) -> None:
+        B.check_iterative(self)
+
+    def __call__(self, matvec: MatVec, b: Tensor, x0: Tensor | None = None) -> SolveResult:
+        op = B.operator(matvec, self.ridge)
+        precond = self.M if self.M is not None else B.identity
+        s = B.Start(op, b, x0, self.rtol, self.atol)
+        maxiter = self.maxiter or 10 * b.shape[-1]
+        x, r, rnorm, status, its = s.x, s.r, s.rnorm, s.status, s.iterations
+        z = precond(r)
+        rz = B.dot(r, z)
+        p = z
+        history = [rnorm] if self.history else None
+
+        for k in range(1, maxiter + 1):
+            if B.all_finished(status == B.RUNNING, k - 1):
+                break
+            active = status == B.RUNNING
+            Ap = op(p)
+            pAp = B.dot(p, Ap)
+            curved = pAp > 0
+            status = B.mark(status, active & ~curved & torch.isfinite(pAp),
+                            Status.NEGATIVE_CURVATURE)
+            alpha = B.safe_div(rz, pAp, curved)
+            x_new = x + B.vec(alpha) * p
+            r_new = r - B.vec(alpha) * Ap
+            rnorm_new = B.norm(r_new)
+            ok = torch.isfinite(rnorm_new) & B.finite(x_new)
+            status = B.mark(status, active & curved & ~ok, Status.NONFINITE)
+            step = active & curved & ok
+            x = B.select(step, x_new, x)
+            r = B.select(step, r_new, r)
+            rnorm = B.select(step, rnorm_new, rnorm)
+            its = its + step.long()
+            status = B.mark(status, step & (rnorm <= s.tol), Status.CONVERGED)
+            go = status == B.RUNNING
+
+            z = precond(r)
+            rz_new = B.dot(r, z)
+            # (r, M r) must stay positive for an SPD preconditioner.
+            status = B.mark(status, go & ~(rz_new > 0), Status.BREAKDOWN)
+            go = status == B.RUNNING
+            beta = B.safe_div(rz_new, rz, go)
+            p = B.select(go, z + B.vec(beta) * p, p)
+            rz = B.select(go, rz_new, rz)
+            if history is not None:
+                history.append(rnorm)
+
+        return B.finish(op, b, x, status, its, history, maxiter)
