@@ -22,7 +22,8 @@ constant, so ``phi*`` depends on ``theta`` only through the initialization
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+import dataclasses
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -33,6 +34,7 @@ from bilevel.policy import (OnFailure, any_vmapped, check_inner_residual, check_
 from bilevel.problem import BilevelProblem, scalar_objective
 from bilevel.pytree import PyTree, check_devices_and_dtypes, check_same_structure, ravel, tree_map, tree_norm
 from bilevel.solvers import CG, LinearSolver, SolveResult
+from bilevel.solvers._result import register_result_pytree
 
 __all__ = ["HypergradientResult", "hypergradient", "check_result", "MODES"]
 
@@ -40,7 +42,9 @@ Mode = Literal["implicit", "unrolled", "truncated", "first_order"]
 MODES = ("implicit", "unrolled", "truncated", "first_order")
 
 
-class HypergradientResult(NamedTuple):
+@register_result_pytree
+@dataclasses.dataclass(frozen=True)
+class HypergradientResult:
     """What :func:`hypergradient` returns (a pytree, so it passes through ``torch.func.vmap``).
 
     Attributes:
@@ -55,7 +59,7 @@ class HypergradientResult(NamedTuple):
     inner: PyTree
     outer_loss: Tensor
     inner_residual: Tensor
-    solve: SolveResult | None
+    solve: SolveResult | None = None
 
 
 def hypergradient(

@@ -49,7 +49,7 @@ def report(message: str, on_failure: OnFailure) -> None:
 def check_inner_residual(residual: Tensor, residual_tol: float | None, on_failure: OnFailure) -> None:
     if residual_tol is None:
         return
-    worst = float(residual.max())
+    worst = float(residual.detach().max())
     if worst > residual_tol:
         report(
             f"inner solution is not a root of the optimality condition: ||G(phi*, theta)|| = "

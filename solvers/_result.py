@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from typing import NamedTuple
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
+
+T = TypeVar("T")
+
+
+def register_result_pytree(cls: type[T]) -> type[T]:
+    """Register a frozen dataclass as a pytree whose ``None`` fields are left out.
+
+    ``torch.func.vmap`` accepts only tensors among its outputs; dropping the
+    unset optional fields lets results with ``None`` in them leave a vmap.
+    """
+    names = tuple(f.name for f in dataclasses.fields(cls))
+
+    def flatten(obj: Any) -> tuple[list[Any], tuple[str, ...]]:
+        present = tuple(n for n in names if getattr(obj, n) is not None)
+        return [getattr(obj, n) for n in present], present
+
+    def unflatten(children: Any, present: tuple[str, ...]) -> Any:
+        return cls(**dict(zip(present, children)))
+
+    pytree.register_pytree_node(cls, flatten, unflatten, serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+    return cls
 
 
 class Status(enum.IntEnum):
@@ -41,11 +64,13 @@ _DESCRIPTIONS = {
 }
 
 
-class SolveResult(NamedTuple):
+@register_result_pytree
+@dataclasses.dataclass(frozen=True)
+class SolveResult:
     """Solution of ``A x = b`` with per-system diagnostics.
 
-    A ``NamedTuple`` so that it is a pytree: it passes through
-    ``torch.func.vmap`` and ``torch.utils._pytree`` unchanged.
+    A registered pytree: it passes through ``torch.func.vmap`` (with the batch
+    as the leading dimension of every field) and ``torch.utils._pytree``.
 
     Attributes:
         x: the solution, same shape as ``b``.
