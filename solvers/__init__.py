@@ -1,12 +1,33 @@
 """Batched, vmap-safe linear solvers that report what happened.
 
 Every solver is a small frozen dataclass configured with scipy's vocabulary and
-called as ``solver(matvec, b, x0=None) -> SolveResult``. See ``docs/solvers.md``.
+called as ``solver(matvec, b, x0=None) -> SolveResult``:
+
+========== =========================================== =====================
+solver     for                                         reference
+========== =========================================== =====================
+CG         symmetric positive definite                 Hestenes-Stiefel 1952
+Neumann    contractions ``rho(I - alpha A) < 1``       Neumann series
+MINRES     symmetric indefinite                        Paige-Saunders 1975
+GMRES      general nonsymmetric (restarted)            Saad-Schultz 1986
+BiCGSTAB   general nonsymmetric, constant memory       van der Vorst 1992
+Direct     small systems, ground truth                 LU / least squares
+========== =========================================== =====================
+
+See ``docs/solvers.md``.
 """
 
-from ._base import LinearSolver, is_vmapped
+from ._base import LinearSolver, MatVec, Preconditioner, is_vmapped
 from ._result import SolveResult, Status
+from .bicgstab import BiCGSTAB
 from .cg import CG
 from .direct import Direct
+from .gmres import GMRES
+from .minres import MINRES
+from .neumann import Neumann
+from .preconditioners import hutchinson_diagonal, jacobi
 
-__all__ = ["CG", "Direct", "LinearSolver", "SolveResult", "Status", "is_vmapped"]
+__all__ = [
+    "BiCGSTAB", "CG", "Direct", "GMRES", "LinearSolver", "MINRES", "MatVec", "Neumann",
+    "Preconditioner", "SolveResult", "Status", "hutchinson_diagonal", "is_vmapped", "jacobi",
+]
