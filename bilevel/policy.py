@@ -7,6 +7,8 @@ Host-side checks (they read tensor values), so they run only outside
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Literal
 
@@ -38,12 +40,23 @@ def require_finite(tree: PyTree, where: str, fix: str) -> None:
             raise NonFiniteError(f"NaN or Inf in {where} (leaf {i}, shape {tuple(leaf.shape)}); {fix}")
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside this package."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def report(message: str, on_failure: OnFailure) -> None:
     """Warn, raise :class:`ConvergenceError`, or stay silent, as ``on_failure`` says."""
     if on_failure == "raise":
         raise ConvergenceError(message)
     if on_failure == "warn":
-        warnings.warn(message, ConvergenceWarning, stacklevel=4)
+        warnings.warn(message, ConvergenceWarning, stacklevel=_caller_stacklevel())
 
 
 def check_inner_residual(residual: Tensor, residual_tol: float | None, on_failure: OnFailure) -> None:
