@@ -231,9 +231,9 @@ def finish(op: MatVec, b: Tensor, x: Tensor, status: Tensor, iterations: Tensor,
            history: list[Tensor] | None, maxiter: int) -> SolveResult:
     """Close a solve: true residual (one extra matvec), final status, padded history."""
     rnorm = norm(b - op(x))
-    status = torch.where(status == RUNNING, int(Status.MAX_ITERATIONS), status)
-    nonfinite = ~torch.isfinite(rnorm) & (status == int(Status.CONVERGED))
-    status = torch.where(nonfinite, int(Status.NONFINITE), status).to(torch.int64)
+    unsettled = (status == RUNNING) | (status == int(Status.CONVERGED))
+    status = mark(status, status == RUNNING, Status.MAX_ITERATIONS)
+    status = mark(status, unsettled & ~torch.isfinite(rnorm), Status.NONFINITE)
     hist = None
     if history is not None:
         hist = torch.stack(history + [history[-1]] * (maxiter + 1 - len(history)))

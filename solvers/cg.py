@@ -67,16 +67,15 @@ class CG:
             active = status == B.RUNNING
             Ap = op(p)
             pAp = B.dot(p, Ap)
-            curved = pAp > 0
-            status = B.mark(status, active & ~curved & torch.isfinite(pAp),
-                            Status.NEGATIVE_CURVATURE)
-            alpha = B.safe_div(rz, pAp, curved)
+            negative = active & (pAp <= 0)
+            status = B.mark(status, negative, Status.NEGATIVE_CURVATURE)
+            alpha = B.safe_div(rz, pAp, pAp > 0)
             x_new = x + B.vec(alpha) * p
             r_new = r - B.vec(alpha) * Ap
             rnorm_new = B.norm(r_new)
-            ok = torch.isfinite(rnorm_new) & B.finite(x_new)
-            status = B.mark(status, active & curved & ~ok, Status.NONFINITE)
-            step = active & curved & ok
+            ok = torch.isfinite(pAp) & torch.isfinite(rnorm_new) & B.finite(x_new)
+            status = B.mark(status, active & ~negative & ~ok, Status.NONFINITE)
+            step = active & ~negative & ok
             x = B.select(step, x_new, x)
             r = B.select(step, r_new, r)
             rnorm = B.select(step, rnorm_new, rnorm)

@@ -64,6 +64,8 @@ class Direct:
         A = materialize(op, b)
         tol = torch.clamp(self.rtol * B.norm(b), min=self.atol)
 
+        usable = torch.isfinite(A).all(-1).all(-1)
+        A = torch.where(B.vec(B.vec(usable)), A, torch.zeros_like(A))
         x, info = torch.linalg.solve_ex(A, b.unsqueeze(-1))
         x = x.squeeze(-1)
         lu_ok = (info == 0) & B.finite(x)
@@ -76,7 +78,7 @@ class Direct:
         status = torch.full(rnorm.shape, int(Status.BREAKDOWN), dtype=torch.int64,
                             device=b.device)
         status = B.mark(status, rnorm <= tol, Status.CONVERGED)
-        status = B.mark(status, ~torch.isfinite(rnorm), Status.NONFINITE)
+        status = B.mark(status, ~usable | ~torch.isfinite(rnorm), Status.NONFINITE)
         return SolveResult(x=x, converged=status == int(Status.CONVERGED),
                            iterations=torch.zeros_like(status), residual_norm=rnorm,
                            status=status)
