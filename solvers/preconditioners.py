@@ -14,15 +14,16 @@ def jacobi(diagonal: Tensor) -> Preconditioner:
 
     ``diagonal`` has shape ``(n,)`` or ``(*batch, n)`` (broadcast against the
     vectors it is applied to). Entries that are zero, non-finite or tiny
-    (``<= eps * max|d|``) are treated as 1 so that ``M`` stays finite; negative
+    (``<= eps * max|d|`` over the finite entries) are treated as 1 so that ``M`` stays finite; negative
     entries keep their sign (use it with CG only when the diagonal is positive).
     """
     if not isinstance(diagonal, Tensor) or not diagonal.is_floating_point():
         raise TypeError("diagonal must be a real floating tensor")
     if diagonal.dim() < 1:
         raise ValueError("diagonal must have shape (n,) or (batch, n)")
-    scale = diagonal.abs().amax(-1, keepdim=True)
-    usable = torch.isfinite(diagonal) & (diagonal.abs() > B.tiny(diagonal.dtype) * scale)
+    magnitude = torch.where(torch.isfinite(diagonal), diagonal.abs(), torch.zeros_like(diagonal))
+    scale = magnitude.amax(-1, keepdim=True)
+    usable = torch.isfinite(diagonal) & (magnitude > B.tiny(diagonal.dtype) * scale)
     inverse = 1 / torch.where(usable, diagonal, torch.ones_like(diagonal))
 
     def apply(v: Tensor) -> Tensor:
