@@ -1,0 +1,79 @@
+"""The pieces a training run builds from its :class:`~bilevel.problems.imaml.config.Config`:
+the network, the problem, the task samplers and the adjoint linear solver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bilevel.problems.imaml import models
+from bilevel.problems.imaml.config import SOLVERS, Config
+from bilevel.problems.imaml.problem import IMAMLProblem, cross_entropy, mse
+from bilevel.problems.imaml.sinusoid import SinusoidTasks
+from bilevel.problems.imaml.tasks import OmniglotTasks
+
+__all__ = ["Experiment", "build", "make_solver"]
+
+
+@dataclass
+class Experiment:
+    """The pieces of a run: problem, initial parameters, samplers, solver."""
+
+    problem: IMAMLProblem
+    init: models.Params
+    train_tasks: Any
+    test_tasks: Any
+    solver: Any
+    classification: bool
+
+
+def make_solver(name: str, maxiter: int, damping: float) -> Any:
+    """The adjoint solver ``name`` from :mod:`bilevel.solvers`, capped at ``maxiter`` iterations,
+    with ``damping`` added to the operator's diagonal (``ridge``) where the solver supports it."""
+    import bilevel.solvers
+
+    cls_name = SOLVERS[name]
+    cls = getattr(bilevel.solvers, cls_name, None)
+    if cls is None:
+        available = sorted(k for k, v in SOLVERS.items() if hasattr(bilevel.solvers, v))
+        raise ValueError(f"solver {name!r} ({cls_name}) is not available in this version of bilevel.solvers; "
+                         f"choose one of {available}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    if "maxiter" in fields:
+        kwargs["maxiter"] = maxiter
+    if damping:
+        if "ridge" not in fields:
+            raise ValueError(f"solver {name!r} does not support damping; use --damping 0 or another solver")
+        kwargs["ridge"] = damping
+    return cls(**kwargs)
+
+
+def build(config: Config, omniglot_images: tuple[np.ndarray, np.ndarray] | None = None) -> Experiment:
+    """Network, problem, samplers and solver for a resolved ``config``.
+
+    ``omniglot_images``: the (meta-train, meta-test) character arrays; loaded from
+    ``config.data_dir`` when not given.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(config.seed)
+    if config.dataset == "sinusoid":
+        forward, loss, init = models.mlp_forward, mse, models.mlp_init(generator=generator)
+        train = test = SinusoidTasks(config.shots, config.queries)
+    else:
+        if omniglot_images is None:
+            from bilevel.problems.imaml.omniglot import load_omniglot
+
+            omniglot_images = load_omniglot(config.data_dir, config.cache_dir).split()
+        forward, loss, init = models.conv4_forward, cross_entropy, models.conv4_init(config.ways, generator=generator)
+        train = OmniglotTasks(omniglot_images[0], config.ways, config.shots, config.queries, rotations=True)
+        test = OmniglotTasks(omniglot_images[1], config.ways, config.shots, config.queries)
+    problem = IMAMLProblem(forward, loss, lam=config.lam, inner_lr=config.inner_lr,
+                           inner_steps=config.inner_steps, inner_optimizer=config.inner_optimizer)
+    solver = make_solver(config.solver, config.cg_steps, config.damping) if config.mode == "implicit" else None
+    return Experiment(problem, init, train, test, solver, config.dataset == "omniglot")
