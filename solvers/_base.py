@@ -171,9 +171,8 @@ def all_finished(active: Tensor, iteration: int) -> bool:
 
 def operator(matvec: MatVec, ridge: float) -> MatVec:
     """``v -> A v + ridge * v`` with a shape check on the user's ``matvec``."""
-    check_callable("matvec", matvec)
-    if matvec is None:
-        raise TypeError("matvec must be a callable, got None")
+    if not callable(matvec):
+        raise TypeError(f"matvec must be a callable, got {type(matvec).__name__}")
 
     def apply(v: Tensor) -> Tensor:
         out = matvec(v)

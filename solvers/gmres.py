@@ -129,7 +129,7 @@ class GMRES:
 
             x = self._update(x, precond, V, cols, g, steps)
             done += len(cols)
-            if done < maxiter:
+            if done < maxiter and not B.all_finished(status == B.RUNNING, 0):
                 running = status == B.RUNNING
                 r = b - op(x)
                 rnorm = B.select(running, B.norm(r), rnorm)
