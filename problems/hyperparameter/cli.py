@@ -1,0 +1,85 @@
+"""``bilevel hyperopt {l2,cleaning} ...``: tune hyperparameters by implicit differentiation.
+
+Examples::
+
+    bilevel hyperopt l2 --dataset mnist --data-dir ../shared/data --out runs/l2-mnist
+    bilevel hyperopt cleaning --corruption 0.5 --data-dir ../shared/data --out runs/cleaning
+    bilevel hyperopt cleaning --corruption 0.5 --data-dir ../shared/data --out runs/cleaning --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+DATASETS = ("mnist", "adult", "bank", "compas", "german", "digits", "breast_cancer", "wine", "iris")
+
+
+def _common(parser: argparse.ArgumentParser, *, n_train: int | None, n_val: int | None,
+            n_test: int | None) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-dir", default=None,
+                      help="folder holding mnist/, adult/, ... (default: $BILEVEL_DATA_DIR, else "
+                           "~/.cache/bilevel/data)")
+    data.add_argument("--download", action="store_true", help="download MNIST files that are missing")
+    data.add_argument("--n-train", type=int, default=n_train, help="training examples (default: %(default)s)")
+    data.add_argument("--n-val", type=int, default=n_val, help="validation examples (default: %(default)s)")
+    data.add_argument("--n-test", type=int, default=n_test, help="test examples (default: %(default)s)")
+    data.add_argument("--seed", type=int, default=0, help="seed of the splits and the corruption")
+    data.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    loop = parser.add_argument_group("outer loop (HOAG)")
+    loop.add_argument("--steps", type=int, default=100, help="outer steps, rejected ones included")
+    loop.add_argument("--max-time", type=float, default=None, help="stop after this many seconds of optimization")
+    loop.add_argument("--tol0", type=float, default=1e-3, help="first inner and adjoint tolerance")
+    loop.add_argument("--tol-decay", type=float, default=0.9, help="tolerance factor per outer step")
+    loop.add_argument("--tol-min", type=float, default=1e-8, help="smallest tolerance")
+    loop.add_argument("--first-move", type=float, default=1.0,
+                      help="the first step moves the largest hyperparameter by this much")
+    loop.add_argument("--max-inner-iter", type=int, default=2000, help="inner solver iteration cap")
+    loop.add_argument("--cg-maxiter", type=int, default=1000, help="conjugate gradient iteration cap")
+    loop.add_argument("--on-failure", choices=("warn", "raise", "ignore"), default="warn",
+                      help="what an inexact inner or adjoint solve does")
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", default=None, help="output folder (default: runs/hyperopt-<task>)")
+    run.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    run.add_argument("--checkpoint-every", type=int, default=10, help="outer steps between checkpoints")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    run.add_argument("--no-plot", dest="plot", action="store_false", help="skip plot.png")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``hyperopt`` with its ``l2`` and ``cleaning`` subcommands."""
+    parser = subparsers.add_parser("hyperopt", help="hyperparameter optimization by implicit differentiation",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
+    l2 = tasks.add_parser("l2", help="per-feature L2 penalties of logistic / softmax regression")
+    l2.add_argument("--dataset", choices=DATASETS, default="mnist")
+    l2.add_argument("--init-penalty", type=float, default=1e-3, help="initial exp(lambda_j) of every feature")
+    _common(l2, n_train=None, n_val=None, n_test=None)
+    cleaning = tasks.add_parser("cleaning", help="data hyper-cleaning of MNIST with corrupted labels")
+    cleaning.add_argument("--corruption", type=float, default=0.5, help="fraction of random training labels")
+    cleaning.add_argument("--reg", type=float, default=1e-3, help="L2 strength of the inner problem")
+    _common(cleaning, n_train=20_000, n_val=5_000, n_test=10_000)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .experiment import run_experiment
+    from .tasks import cleaning_task, l2_task
+
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    if settings["out"] is None:
+        settings["out"] = f"runs/hyperopt-{args.task}"
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.task == "l2" and args.dataset == "mnist":
+        settings.update({k: v for k, v in (("n_train", 20_000), ("n_val", 5_000), ("n_test", 10_000))
+                         if settings[k] is None})
+    final = run_experiment(settings, l2_task if args.task == "l2" else cleaning_task)
+    print(json.dumps(final))
+    return 0

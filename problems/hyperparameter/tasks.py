@@ -1,0 +1,74 @@
+"""The two command-line tasks, built from their settings: data, problem, start point, metrics."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from bilevel import BilevelProblem
+
+from .cleaning import HyperCleaning, corrupt_labels, separation
+from .l2 import PerFeatureL2
+from .linear import accuracy, mean_loss
+from .mnist import load_mnist
+from .splits import Splits, mnist_splits, split
+from .tabular import load_tabular
+
+__all__ = ["Task", "l2_task", "cleaning_task"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class Task:
+    """A problem with its data, the initial outer variable, and the metrics of a state."""
+
+    name: str
+    problem: BilevelProblem
+    data: Splits
+    outer0: Tensor
+    metrics: Callable[[Tensor, Tensor], dict[str, float]]
+    weights_of: Callable[[Tensor], Tensor]
+    corrupted: Tensor | None = None
+
+
+def _splits(settings: dict[str, Any]) -> Splits:
+    dtype = DTYPES[settings["dtype"]]
+    sizes = {"n_train": settings["n_train"], "n_val": settings["n_val"], "n_test": settings["n_test"]}
+    if settings.get("dataset", "mnist") == "mnist":
+        mnist = load_mnist(settings["data_dir"], download=settings["download"])
+        return mnist_splits(mnist, **{k: v for k, v in sizes.items() if v is not None}, seed=settings["seed"],
+                            dtype=dtype)
+    table = load_tabular(settings["dataset"], settings["data_dir"])
+    return split(table.x, table.y, **sizes, seed=settings["seed"], dtype=dtype)
+
+
+def _test_metrics(data: Splits, inner: Tensor) -> dict[str, float]:
+    return {"test_loss": float(mean_loss(inner, data.x_test, data.y_test)),
+            "test_acc": float(accuracy(inner, data.x_test, data.y_test))}
+
+
+def l2_task(settings: dict[str, Any]) -> Task:
+    """Per-feature L2 on ``settings["dataset"]``, starting from ``exp(lambda_j) = init_penalty``."""
+    data = _splits(settings)
+    problem = PerFeatureL2(max_inner_iter=settings["max_inner_iter"])
+    outer0 = torch.full((data.x_train.shape[1],), math.log(settings["init_penalty"]), dtype=data.x_train.dtype)
+    return Task("l2", problem, data, outer0, lambda outer, inner: _test_metrics(data, inner), torch.exp)
+
+
+def cleaning_task(settings: dict[str, Any]) -> Task:
+    """Hyper-cleaning of MNIST with a fraction ``settings["corruption"]`` of random training labels."""
+    clean = _splits(settings)
+    noisy, corrupted = corrupt_labels(clean.y_train, settings["corruption"], clean.n_classes, seed=settings["seed"])
+    data = clean._replace(y_train=noisy)
+    problem = HyperCleaning(reg=settings["reg"], max_inner_iter=settings["max_inner_iter"])
+    outer0 = torch.zeros(data.x_train.shape[0], dtype=data.x_train.dtype)
+
+    def metrics(outer: Tensor, inner: Tensor) -> dict[str, float]:
+        return {**_test_metrics(data, inner), **separation(torch.sigmoid(outer), corrupted)}
+
+    return Task("cleaning", problem, data, outer0, metrics, torch.sigmoid, corrupted)
