@@ -149,7 +149,7 @@ def finite(v: Tensor) -> Tensor:
     return torch.isfinite(v).all(-1)
 
 
-def tiny(dtype: torch.dtype) -> float:
+def machine_eps(dtype: torch.dtype) -> float:
     """Machine epsilon of ``dtype``: the breakdown threshold of the recurrences."""
     return torch.finfo(dtype).eps
 

@@ -58,7 +58,7 @@ class BiCGSTAB:
         precond = self.M if self.M is not None else B.identity
         s = B.Start(op, b, x0, self.rtol, self.atol)
         maxiter = self.maxiter or 10 * b.shape[-1]
-        eps = B.tiny(b.dtype)
+        eps = B.machine_eps(b.dtype)
         x, r, rnorm, status, its = s.x, s.r, s.rnorm, s.status, s.iterations
         history = [rnorm] if self.history else None
 

@@ -23,7 +23,7 @@ def jacobi(diagonal: Tensor) -> Preconditioner:
         raise ValueError("diagonal must have shape (n,) or (batch, n)")
     magnitude = torch.where(torch.isfinite(diagonal), diagonal.abs(), torch.zeros_like(diagonal))
     scale = magnitude.amax(-1, keepdim=True)
-    usable = torch.isfinite(diagonal) & (magnitude > B.tiny(diagonal.dtype) * scale)
+    usable = torch.isfinite(diagonal) & (magnitude > B.machine_eps(diagonal.dtype) * scale)
     inverse = 1 / torch.where(usable, diagonal, torch.ones_like(diagonal))
 
     def apply(v: Tensor) -> Tensor:
