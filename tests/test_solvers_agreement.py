@@ -9,11 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bilevel.solvers import (CG, GMRES, MINRES, BiCGSTAB, Direct, Neumann, SolveResult,
-                             Status)
+from bilevel.solvers import CG, GMRES, MINRES, BiCGSTAB, Direct, Neumann, SolveResult, Status
 
 F64 = torch.float64
-VMAP_OUT = SolveResult(0, 0, 0, 0, 0, None)
 
 
 def matrix(kind: str, n: int, seed: int) -> np.ndarray:
@@ -141,8 +139,8 @@ def test_batched_equals_per_system(solver, kind, n, seed):
 def test_vmap_equals_batched(solver, kind, n, seed):
     A, b = batch_of(kind, n, seed, 3)
     batched = solver(mv(A), b)
-    mapped = torch.func.vmap(lambda A1, b1: solver(lambda v: A1 @ v, b1),
-                             out_dims=VMAP_OUT)(A, b)
+    mapped = torch.func.vmap(lambda A1, b1: solver(lambda v: A1 @ v, b1))(A, b)
+    assert isinstance(mapped, SolveResult) and mapped.history is None
     torch.testing.assert_close(mapped.x, batched.x, rtol=1e-10, atol=1e-13)
     assert torch.equal(mapped.iterations, batched.iterations)
     assert torch.equal(mapped.status, batched.status)
@@ -174,6 +172,10 @@ def test_history_records_residuals(solver, kind):
     torch.testing.assert_close(res.history[0], torch.linalg.vector_norm(b, dim=-1))
     assert res.history.isfinite().all()
     assert solver(mv(A), b).history is None
+    # Under vmap the history's batch dimension is its second one.
+    mapped = torch.func.vmap(lambda A1, b1: hist_solver(lambda v: A1 @ v, b1),
+                             out_dims=SolveResult(0, 0, 0, 0, 0, 1))(A, b)
+    torch.testing.assert_close(mapped.history, res.history)
 
 
 def test_float32_cg_and_gmres():
