@@ -1,0 +1,157 @@
+"""Fair meta-learning as a bilevel problem whose inner problem is a saddle point.
+
+Per task (support set ``x, y, z``), with the decision boundary covariance of
+Zafar et al. (AISTATS 2017) ``u(w) = mean_i (z_i - mean z) s_w(x_i)`` on the
+score ``s_w(x) = w^T x + b`` and its smoothed absolute value
+``D(w) = sqrt(u^2 + delta^2) - delta``, the inner problem is the saddle point of
+
+    L(w, rho) = BCE(w) + lam (D(w) - c) + prox/2 ||w - theta||^2
+                - mu/2 (lam - lambda0)^2 + eps log(lam),      lam = exp(rho),
+
+minimized over ``w`` and maximized over ``rho``. The score, not the probability
+that PDFM's code uses, makes ``D`` convex in ``w``, so ``L`` is strongly convex
+in ``w`` (the prox term) and strictly concave in ``lam > 0`` (the dual prox and
+the log barrier, which keeps the multiplier positive). The saddle point is
+therefore unique, and smooth in ``(theta, lambda0)``; ``lam = exp(rho)`` turns
+the sign constraint into an unconstrained root. For fixed ``w`` the best
+multiplier solves ``mu lam^2 - (mu lambda0 + h) lam - eps = 0``
+(``h = D(w) - c``): a smooth version of PDFM's projected dual step
+``max(0, lambda0 + h / mu)`` that tends to it as ``eps -> 0``.
+
+The root ``G = (grad_w L, grad_rho L) = 0`` has the symmetric indefinite
+Jacobian ``[[H_ww, H_wr], [H_rw, H_rr]]`` with ``H_ww > 0`` and ``H_rr < 0``:
+the adjoint system of the implicit hypergradient needs MINRES (or GMRES);
+CG meets negative curvature. The meta-parameters are the primal prox centre
+``theta`` and the dual prox centre ``lambda0`` (PDFM's primal and dual
+initializations, Zhao et al., ICDM 2020); the outer loss is the query BCE plus,
+optionally, ``outer_fair_weight * max(0, D_query - c)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bilevel import BilevelProblem
+from bilevel.policy import any_vmapped
+from bilevel.pytree import tree_map, tree_norm
+from bilevel.solvers import MINRES
+
+from .model import Params, bce, covariance, score, smooth_abs
+from .optim import accelerated_descent
+
+__all__ = ["FairMetaProblem", "Inner", "Outer"]
+
+Inner = dict[str, Any]  # {"model": Params, "rho": Tensor}
+Outer = dict[str, Any]  # {"theta": Params, "lambda0": Tensor}
+
+
+def _sq_dist(a: Params, b: Params) -> Tensor:
+    return sum(((a[k] - b[k]) ** 2).sum() for k in a)
+
+
+class FairMetaProblem(BilevelProblem):
+    """Fairness-constrained few-shot adaptation: a saddle point per task.
+
+    Args:
+        c: fairness bound on the smoothed decision boundary covariance.
+        prox: primal prox strength (iMAML's ``lambda``), the strong convexity in ``w``.
+        mu: dual prox strength, the strong concavity in ``lam``.
+        delta: smoothing width of ``|u|``.
+        barrier: ``eps``, weight of the log barrier keeping ``lam > 0``.
+        outer_fair_weight: weight of the query constraint violation in the outer loss.
+        inner_steps, inner_tol: iteration cap and tolerance on ``||G||`` of :meth:`solve_inner`.
+    """
+
+    residual_tol = 1e-4
+
+    def __init__(self, c: float = 0.1, *, prox: float = 1.0, mu: float = 1.0, delta: float = 0.1,
+                 barrier: float = 1e-3, outer_fair_weight: float = 0.0, inner_steps: int = 300,
+                 inner_tol: float = 1e-6):
+        for name, value in (("prox", prox), ("mu", mu), ("delta", delta), ("barrier", barrier)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0 for a unique, smooth saddle point; got {value}")
+        if c < 0 or outer_fair_weight < 0:
+            raise ValueError(f"c and outer_fair_weight must be >= 0, got {c} and {outer_fair_weight}")
+        self.c, self.prox, self.mu, self.delta, self.barrier = c, prox, mu, delta, barrier
+        self.outer_fair_weight = outer_fair_weight
+        self.inner_steps, self.inner_tol = inner_steps, inner_tol
+
+    # ------------------------------------------------------------------ math
+    def violation(self, model: Params, x: Tensor, z: Tensor) -> Tensor:
+        """``h = D(w) - c``: positive when the task's smoothed covariance exceeds the bound."""
+        return smooth_abs(covariance(score(model, x), z), self.delta) - self.c
+
+    def lagrangian(self, inner: Inner, outer: Outer, data: dict[str, Tensor]) -> Tensor:
+        """``L(w, rho)`` on the support set (see the module docstring)."""
+        model, rho = inner["model"], inner["rho"]
+        lam = torch.exp(rho)
+        return (bce(model, data["xs"], data["ys"])
+                + lam * self.violation(model, data["xs"], data["zs"])
+                + 0.5 * self.prox * _sq_dist(model, outer["theta"])
+                - 0.5 * self.mu * (lam - outer["lambda0"]) ** 2
+                + self.barrier * rho)
+
+    def optimality(self, inner: Inner, outer: Outer, data: dict[str, Tensor]) -> Inner:
+        """``G = (grad_w L, grad_rho L)``, zero exactly at the saddle point."""
+        return torch.func.grad(self.lagrangian)(inner, outer, data)
+
+    def best_rho(self, model: Params, outer: Outer, data: dict[str, Tensor]) -> Tensor:
+        """``argmax_rho L(w, rho)`` in closed form: the positive root of
+        ``mu lam^2 - q lam - eps = 0``, ``q = mu lambda0 + h``, computed without cancellation."""
+        q = self.mu * outer["lambda0"] + self.violation(model, data["xs"], data["zs"])
+        root = torch.sqrt(q * q + 4 * self.mu * self.barrier)
+        lam = torch.where(q >= 0, (q + root) / (2 * self.mu), 2 * self.barrier / (root - q))
+        return torch.log(lam)
+
+    # -------------------------------------------------------- problem hooks
+    def initial_inner(self, outer: Outer, data: dict[str, Tensor]) -> Inner:
+        model = tree_map(torch.clone, outer["theta"])
+        return {"model": model, "rho": self.best_rho(model, outer, data)}
+
+    def solve_inner(self, outer: Outer, data: dict[str, Tensor], init: Inner) -> Inner:
+        """Descent on ``w`` with the dual at its best response (gradient descent-max).
+
+        ``P(w) = max_rho L(w, rho)`` is strongly convex (modulus ``prox``) and, by
+        Danskin's theorem, ``grad P(w) = grad_w L(w, rho*(w))``; Nesterov's method
+        on ``P`` with step ``1 / L_P`` (bounded from the data, see :meth:`_smoothness`)
+        converges linearly, and ``rho = rho*(w)`` makes the dual half of ``G`` vanish.
+        Stops once ``||G|| <= inner_tol`` (checked every 10 steps, outside vmap).
+        """
+        def grad_and_scales(model: Params):
+            rho = self.best_rho(model, outer, data)
+            g = torch.func.grad(self.lagrangian)({"model": model, "rho": rho}, outer, data)["model"]
+            return g, self._smoothness(torch.exp(rho), data)
+
+        def converged(model: Params) -> bool:
+            inner = {"model": model, "rho": self.best_rho(model, outer, data)}
+            return float(tree_norm(self.optimality(inner, outer, data))) <= self.inner_tol
+
+        check = None if any_vmapped(outer, data) else converged
+        model = accelerated_descent(grad_and_scales, init["model"], self.prox, self.inner_steps, check)
+        return {"model": model, "rho": self.best_rho(model, outer, data)}
+
+    def outer_objective(self, inner: Inner, outer: Outer, data: dict[str, Tensor]) -> Tensor:
+        model = inner["model"]
+        loss = bce(model, data["xq"], data["yq"])
+        if self.outer_fair_weight:
+            loss = loss + self.outer_fair_weight * torch.relu(self.violation(model, data["xq"], data["zq"]))
+        return loss
+
+    # ------------------------------------------------------------- helpers
+    def _smoothness(self, lam: Tensor, data: dict[str, Tensor]) -> Tensor:
+        """An upper bound on the curvature of ``P`` near the current multiplier ``lam``:
+        ``sigma_max([x, 1])^2 / (4 n) + prox + lam |a|^2 / delta + |a|^2 / mu``, with
+        ``a = mean_i (z_i - mean z) x_i`` the gradient of the covariance."""
+        x, z = data["xs"], data["zs"]
+        ones = torch.ones_like(x[..., :1])
+        sigma = torch.linalg.matrix_norm(torch.cat([x, ones], -1), ord=2)
+        a2 = (((z - z.mean()).unsqueeze(-1) * x).mean(0) ** 2).sum()
+        return sigma ** 2 / (4 * x.shape[0]) + self.prox + lam * a2 / self.delta + a2 / self.mu
+
+    @staticmethod
+    def default_solver() -> MINRES:
+        """MINRES for the symmetric indefinite adjoint system."""
+        return MINRES(rtol=1e-8, maxiter=50)
