@@ -14,8 +14,9 @@ def jacobi(diagonal: Tensor) -> Preconditioner:
 
     ``diagonal`` has shape ``(n,)`` or ``(*batch, n)`` (broadcast against the
     vectors it is applied to). Entries that are zero, non-finite or tiny
-    (``<= eps * max|d|`` over the finite entries) are treated as 1 so that ``M`` stays finite; negative
-    entries keep their sign (use it with CG only when the diagonal is positive).
+    (``<= eps * max|d|`` over the finite entries) are treated as 1 so that ``M``
+    stays finite; negative entries keep their sign (use it with CG only when the
+    diagonal is positive).
     """
     if not isinstance(diagonal, Tensor) or not diagonal.is_floating_point():
         raise TypeError("diagonal must be a real floating tensor")
