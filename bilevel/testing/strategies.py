@@ -123,15 +123,16 @@ def problems(families: Sequence[str] = tuple(_STRATEGIES), dtype: torch.dtype = 
 
 
 @st.composite
-def problem_batches(draw: st.DrawFn, family: str, max_size: int = 4,
-                    dtype: torch.dtype = torch.float64) -> list[ProblemCase]:
+def problem_batches(draw: st.DrawFn, family: str, max_size: int = 4, dtype: torch.dtype = torch.float64,
+                    **options: object) -> list[ProblemCase]:
     """``1 .. max_size`` instances of one family with equal shapes and one shared outer point.
 
     Only the seed differs, so ``families.stack_data`` stacks their ``data`` into
-    one batch for ``torch.func.vmap``.
+    one batch for ``torch.func.vmap``. ``options`` go to the family's strategy
+    (e.g. ``conditions=(1.0, 10.0)`` for ``"quadratic"``).
     """
     size = draw(batch_sizes(max_size))
-    first = draw(_STRATEGIES[family](dtype=dtype))
+    first = draw(_STRATEGIES[family](dtype=dtype, **options))
     seed_list = draw(st.lists(seeds(), min_size=size - 1, max_size=size - 1))
     build = FAMILIES[family]
     rest = [build(**{**first.params, "seed": s}, outer=first.outer.tolist(), dtype=dtype) for s in seed_list]
