@@ -7,8 +7,8 @@ inner problem), the baselines (:class:`ProxLogisticProblem` = iMAML,
 """
 
 from .baselines import GradientStepProblem, PDFMProblem, ProxLogisticProblem
-from .data import DATASETS, Task, load_tasks, sample_episodes, split_tasks, test_episodes
+from .data import DATASETS, Task, load_tasks, sample_episodes, split_tasks, evaluation_episodes
 from .problem import FairMetaProblem
 
 __all__ = ["DATASETS", "FairMetaProblem", "GradientStepProblem", "PDFMProblem", "ProxLogisticProblem", "Task",
-           "load_tasks", "sample_episodes", "split_tasks", "test_episodes"]
+           "load_tasks", "sample_episodes", "split_tasks", "evaluation_episodes"]

@@ -37,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mu", type=float, default=1.0, help="dual prox strength (fair)")
     p.add_argument("--outer-fair-weight", type=float, default=2.0,
                    help="weight of the query constraint violation in the fair outer loss (default 2)")
+    p.add_argument("--inner-steps", type=int, default=100,
+                   help="inner iterations of the fair and iMAML solves (default 100)")
     p.add_argument("--solver", default="minres", choices=("minres", "gmres", "direct", "cg"),
                    help="adjoint solver of the fair method (default minres; cg reports negative curvature)")
     p.add_argument("--episodes", type=int, default=20, help="evaluation episodes per meta-test task")
@@ -74,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         for c in (args.c if method in ("fair", "pdfm") else [None]):
             cfg = Config(method=method, c=c if c is not None else 0.0, k_shot=args.k_shot, n_query=args.n_query,
                          meta_batch=args.meta_batch, steps=args.steps, meta_lr=args.meta_lr, prox=args.prox,
-                         mu=args.mu, outer_fair_weight=args.outer_fair_weight, solver=args.solver, seed=args.seed)
+                         mu=args.mu, outer_fair_weight=args.outer_fair_weight, inner_steps=args.inner_steps,
+                         solver=args.solver, seed=args.seed)
             tag = method if c is None else f"{method}_c{c:g}"
             if tag in done:
                 records.append(done[tag])

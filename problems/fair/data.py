@@ -44,7 +44,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DATASETS", "Task", "data_dir", "load_tasks", "split_tasks", "sample_episodes", "test_episodes"]
+__all__ = ["DATASETS", "Task", "data_dir", "load_tasks", "split_tasks", "sample_episodes", "evaluation_episodes",
+           "synthetic_tasks", "halves"]
 
 DATASETS = ("communities", "lsac", "adult", "bank", "compas")
 
@@ -210,10 +211,30 @@ def sample_episodes(tasks: list[Task], batch: int, k_shot: int, n_query: int,
     return {key: torch.stack([e[key] for e in episodes]) for key in episodes[0]}
 
 
-def test_episodes(task: Task, episodes: int, k_shot: int, generator: torch.Generator) -> dict[str, Tensor]:
+def evaluation_episodes(task: Task, episodes: int, k_shot: int, generator: torch.Generator) -> dict[str, Tensor]:
     """``episodes`` splits of one meta-test task: ``k_shot`` support rows, every other row as query."""
     if len(task) <= k_shot:
         raise ValueError(f"task {task.name!r} has {len(task)} rows; need more than k_shot = {k_shot}")
     splits = [torch.randperm(len(task), generator=generator) for _ in range(episodes)]
     parts = [{**_pick(task, p[:k_shot], "s"), **_pick(task, p[k_shot:], "q")} for p in splits]
     return {key: torch.stack([e[key] for e in parts]) for key in parts[0]}
+
+
+def synthetic_tasks(count: int, n: int = 20, dim: int = 4, seed: int = 0) -> list[Task]:
+    """A small biased task family for tests and examples: half the rows have ``z = 1`` and
+    features shifted by 1.5 in every coordinate, and ``y ~ Bernoulli(sigmoid(sum x))``,
+    so that an unconstrained classifier favours one group."""
+    g = torch.Generator().manual_seed(seed)
+    tasks = []
+    for i in range(count):
+        z = torch.arange(n, dtype=torch.float64) % 2
+        x = torch.randn(n, dim, generator=g, dtype=torch.float64) + 1.5 * z[:, None]
+        y = (torch.rand(n, generator=g, dtype=torch.float64) < torch.sigmoid(x.sum(-1))).double()
+        tasks.append(Task(f"synthetic{i}", x, y, z))
+    return tasks
+
+
+def halves(task: Task) -> dict[str, Tensor]:
+    """One episode of ``task``: its first half as support, the second as query."""
+    half = torch.arange(len(task))
+    return {**_pick(task, half[: len(task) // 2], "s"), **_pick(task, half[len(task) // 2:], "q")}

@@ -25,7 +25,7 @@ from bilevel import BilevelProblem
 from bilevel.solvers import CG, GMRES, MINRES, Direct
 
 from .baselines import GradientStepProblem, PDFMProblem, ProxLogisticProblem, pdfm_dual_step, probability_dbc
-from .data import Task, sample_episodes, test_episodes
+from .data import Task, sample_episodes, evaluation_episodes
 from .metrics import METRICS, mean_ci, task_metrics
 from .model import init_params, score
 from .problem import FairMetaProblem
@@ -52,8 +52,8 @@ class Config:
     mu: float = 1.0
     delta: float = 0.1
     barrier: float = 1e-3
-    outer_fair_weight: float = 0.0
-    inner_steps: int = 150
+    outer_fair_weight: float = 2.0
+    inner_steps: int = 100
     solver: str = "minres"
     maml_lr: float = 0.1
     maml_steps: int = 5
@@ -117,6 +117,10 @@ def meta_step(method: Method, outer: dict, batch: dict) -> bilevel.Hypergradient
     return bilevel.check_result(result, on_failure="warn", residual_tol=method.problem.residual_tol)
 
 
+def _detached(tree: Any) -> Any:
+    return bilevel.pytree.tree_map(torch.Tensor.detach, tree)
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -172,7 +176,8 @@ def train(cfg: Config, tasks: list[Task], out: Path, *, resume: bool = False, pr
         batch = sample_episodes(tasks, cfg.meta_batch, cfg.k_shot, cfg.n_query, generator)
         params = {"theta": {"w": leaves[0], "b": leaves[1]}, "lambda0": leaves[2]}
         result = meta_step(method, {k: _detached(v) for k, v in params.items()}, batch)
-        grads = [result.grad["theta"]["w"].mean(0), result.grad["theta"]["b"].mean(0), result.grad["lambda0"].mean(0)]
+        g = result.grad
+        grads = [g["theta"]["w"].mean(0), g["theta"]["b"].mean(0), g["lambda0"].mean(0)]
         optimizer.zero_grad()
         for t, g in zip(trained, grads):
             t.grad = g
@@ -185,7 +190,7 @@ def train(cfg: Config, tasks: list[Task], out: Path, *, resume: bool = False, pr
             record = {"step": step + 1, "method": cfg.method, "c": cfg.c,
                       "outer_loss": float(result.outer_loss.mean()),
                       "inner_residual": float(result.inner_residual.max()),
-                      "lambda0": float(leaves[2]), "seconds": round(time.time() - t0, 2)}
+                      "lambda0": float(leaves[2].detach()), "seconds": round(time.time() - t0, 2)}
             if result.solve is not None:
                 record["solver_iterations"] = float(result.solve.iterations.float().mean())
                 record["solver_converged"] = float(result.solve.converged.float().mean())
@@ -195,10 +200,6 @@ def train(cfg: Config, tasks: list[Task], out: Path, *, resume: bool = False, pr
             _atomic_save({"step": step + 1, "config": asdict(cfg), "leaves": [t.detach() for t in leaves],
                           "optimizer": optimizer.state_dict(), "generator": generator.get_state()}, ckpt_path)
     return {"theta": {"w": leaves[0].detach(), "b": leaves[1].detach()}, "lambda0": leaves[2].detach()}
-
-
-def _detached(tree: Any) -> Any:
-    return bilevel.pytree.tree_map(torch.Tensor.detach, tree)
 
 
 def evaluate(cfg: Config, outer: dict, tasks: list[Task], *, episodes: int = 20, seed: int = 1) -> dict:
@@ -212,7 +213,7 @@ def evaluate(cfg: Config, outer: dict, tasks: list[Task], *, episodes: int = 20,
     per_episode = {m: [] for m in METRICS}
     per_task = {}
     for task in tasks:
-        data = test_episodes(task, episodes, cfg.k_shot, generator)
+        data = evaluation_episodes(task, episodes, cfg.k_shot, generator)
         model = torch.func.vmap(lambda d: method.adapt(outer, d))(data)
         s = torch.func.vmap(score)(model, data["xq"])
         values = task_metrics(s, data["xq"], data["yq"], data["zq"])
