@@ -24,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
     p.add_argument("--ways", type=int, default=defaults.ways, help="classes per Omniglot task (default 5)")
+    p.add_argument("--channels", type=int, default=defaults.channels, help="filters per conv layer (default 64)")
     p.add_argument("--shots", type=int, help="support examples per class (default 1; sinusoid: 10 points)")
     p.add_argument("--queries", type=int, help="query examples per class (default 5; sinusoid: 10 points)")
     p.add_argument("--mode", choices=MODES, default=defaults.mode,

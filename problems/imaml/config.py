@@ -32,6 +32,7 @@ class Config:
 
     dataset: str = "sinusoid"
     ways: int = 5
+    channels: int = 64
     shots: int | None = None
     queries: int | None = None
     mode: str = "implicit"

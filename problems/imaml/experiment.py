@@ -33,7 +33,7 @@ class Experiment:
 
 def make_solver(name: str, maxiter: int, damping: float) -> Any:
     """The adjoint solver ``name`` from :mod:`bilevel.solvers`, capped at ``maxiter`` iterations,
-    with ``damping`` added to the operator's diagonal (``ridge``) where the solver supports it."""
+    with ``damping`` added to the operator's diagonal (the solvers' ``ridge``)."""
     import bilevel.solvers
 
     cls_name = SOLVERS[name]
@@ -42,14 +42,9 @@ def make_solver(name: str, maxiter: int, damping: float) -> Any:
         available = sorted(k for k, v in SOLVERS.items() if hasattr(bilevel.solvers, v))
         raise ValueError(f"solver {name!r} ({cls_name}) is not available in this version of bilevel.solvers; "
                          f"choose one of {available}")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    if "maxiter" in fields:
+    kwargs: dict[str, Any] = {"ridge": damping} if damping else {}
+    if "maxiter" in {f.name for f in dataclasses.fields(cls)}:
         kwargs["maxiter"] = maxiter
-    if damping:
-        if "ridge" not in fields:
-            raise ValueError(f"solver {name!r} does not support damping; use --damping 0 or another solver")
-        kwargs["ridge"] = damping
     return cls(**kwargs)
 
 
@@ -70,7 +65,8 @@ def build(config: Config, omniglot_images: tuple[np.ndarray, np.ndarray] | None 
             from bilevel.problems.imaml.omniglot import load_omniglot
 
             omniglot_images = load_omniglot(config.data_dir, config.cache_dir).split()
-        forward, loss, init = models.conv4_forward, cross_entropy, models.conv4_init(config.ways, generator=generator)
+        forward, loss = models.conv4_forward, cross_entropy
+        init = models.conv4_init(config.ways, config.channels, generator=generator)
         train = OmniglotTasks(omniglot_images[0], config.ways, config.shots, config.queries, rotations=True)
         test = OmniglotTasks(omniglot_images[1], config.ways, config.shots, config.queries)
     problem = IMAMLProblem(forward, loss, lam=config.lam, inner_lr=config.inner_lr,

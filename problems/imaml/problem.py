@@ -57,21 +57,22 @@ class IMAMLProblem(bilevel.BilevelProblem):
         inner_lr, inner_steps: the inner solver: ``inner_steps`` steps of size
             ``inner_lr`` from ``theta`` (paper: 0.1, 16 for 5-way, 25 for 20-way).
         inner_optimizer: ``"gd"`` (the paper's iMAML-GD) or ``"nesterov"``
-            (accelerated gradient, momentum ``momentum``); iMAML needs only the
-            inner solution, so any optimizer works in the implicit mode.
+            (Nesterov's accelerated gradient with momentum ``(k - 1) / (k + 2)`` at
+            step ``k``); iMAML needs only the inner solution, so any optimizer
+            works in the implicit and first-order modes.
     """
 
     residual_tol = None  # a few inner steps give an approximate phi_i by design
 
     def __init__(self, forward: Forward, loss: Loss, *, lam: float = 2.0, inner_lr: float = 0.1,
-                 inner_steps: int = 16, inner_optimizer: str = "gd", momentum: float = 0.9):
+                 inner_steps: int = 16, inner_optimizer: str = "gd"):
         if lam < 0:
             raise ValueError(f"lam must be >= 0, got {lam}")
         if inner_optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}")
         self.forward, self.loss, self.lam = forward, loss, lam
         self.inner_lr, self.inner_steps = inner_lr, inner_steps
-        self.inner_optimizer, self.momentum = inner_optimizer, momentum
+        self.inner_optimizer = inner_optimizer
 
     def support_loss(self, phi: Params, task: Task) -> Tensor:
         return self.loss(self.forward(phi, task.support_x), task.support_y)
@@ -99,10 +100,11 @@ class IMAMLProblem(bilevel.BilevelProblem):
                 phi = self.inner_update(phi, theta, task)
             return phi
         phi, previous = init, init
-        for _ in range(self.inner_steps):
-            look = {k: phi[k] + self.momentum * (phi[k] - previous[k]) for k in phi}
+        for k in range(1, self.inner_steps + 1):
+            momentum = (k - 1) / (k + 2)
+            look = {n: phi[n] + momentum * (phi[n] - previous[n]) for n in phi}
             step = self.optimality(look, theta, task)
-            phi, previous = {k: look[k] - self.inner_lr * step[k] for k in phi}, phi
+            phi, previous = {n: look[n] - self.inner_lr * step[n] for n in phi}, phi
         return phi
 
 

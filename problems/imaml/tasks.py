@@ -40,7 +40,7 @@ def to_task(support: np.ndarray, support_y: np.ndarray, query: np.ndarray, query
         return torch.from_numpy(np.ascontiguousarray(a)).to(device).unsqueeze(-3).float().div_(255)
 
     def labels(a: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=torch.int64)
+        return torch.from_numpy(np.array(a, dtype=np.int64)).to(device)
 
     return Task(images(support), labels(support_y), images(query), labels(query_y))
 
