@@ -41,7 +41,7 @@ from bilevel.solvers import CG, Direct, LinearSolver, SolveResult
 from bilevel.testing.precision import cast
 from bilevel.testing.report import Comparison, HypergradientReport
 from bilevel.testing.roots import RootFunction
-from bilevel.testing.tight import AtSolution, newton_polish, spectral_radius
+from bilevel.testing.tight import AtSolution, flat_jacobian, newton_polish, spectral_radius
 
 __all__ = ["REFERENCES", "check_hypergradient", "solver_name"]
 
@@ -192,10 +192,11 @@ def check_hypergradient(
 
     with torch.no_grad():
         phi_ref, ref_residual = tight_solve(outer, checked.inner)
+        jacobian = flat_jacobian(condition_at(outer), phi_ref) if can_polish else None
 
     comparisons, found = [], {}
     if "finite_differences" in references:
-        fd, probed, detail = _finite_differences(prob, outer, data, phi_ref, condition_at, can_polish, eps,
+        fd, probed, detail = _finite_differences(prob, outer, data, phi_ref, condition_at, jacobian, eps,
                                                  fd_max_coordinates, fd_directions, seed, newton_steps)
         found["finite_differences"] = fd
         comparisons.append(_compare("finite_differences", probed @ grad_vec, fd, rtol, atol, detail=detail))
@@ -240,10 +241,14 @@ def check_hypergradient(
 
 
 def _finite_differences(prob: BilevelProblem, outer: PyTree, data: Any, phi_ref: PyTree,
-                        condition_at: Callable[[PyTree], Callable[[PyTree], PyTree]], can_polish: bool,
+                        condition_at: Callable[[PyTree], Callable[[PyTree], PyTree]], jacobian: Tensor | None,
                         eps: float, max_coordinates: int, directions: int, seed: int,
                         newton_steps: int) -> tuple[Tensor, Tensor, str]:
-    """Central differences of ``F`` along probe directions: ``(values, directions, detail)``."""
+    """Central differences of ``F`` along probe directions: ``(values, directions, detail)``.
+
+    Each perturbed inner problem is solved by chord-Newton steps from ``phi_ref`` with
+    the reference ``jacobian``; without one, by the problem's ``solve_inner``.
+    """
     theta, unravel = ravel(outer)
     theta = theta.detach()
     n = theta.numel()
@@ -260,8 +265,8 @@ def _finite_differences(prob: BilevelProblem, outer: PyTree, data: Any, phi_ref:
     def loss_at(t: Tensor) -> float:
         o = unravel(t)
         with torch.no_grad():
-            if can_polish:
-                phi, _ = newton_polish(condition_at(o), phi_ref, steps=newton_steps)
+            if jacobian is not None:
+                phi, _ = newton_polish(condition_at(o), phi_ref, steps=newton_steps, jacobian=jacobian)
             else:
                 phi = prob.solve_inner(o, data, phi_ref)
             return float(prob.outer_objective(phi, o, data))

@@ -10,7 +10,7 @@ __all__ = ["property_check"]
 
 
 def property_check(problem: Any, outer: Any, data: Any = None, *, max_examples: int = 20,
-                   to_outer: Any = None, **check_options: Any) -> None:
+                   to_outer: Any = None, shrink: bool = True, **check_options: Any) -> None:
     """Check ``problem``'s hypergradient at every outer point ``outer`` draws.
 
     Args:
@@ -22,18 +22,20 @@ def property_check(problem: Any, outer: Any, data: Any = None, *, max_examples: 
         max_examples: how many points hypothesis tries.
         to_outer: turns a drawn value into ``outer``; default: a list of floats
             becomes a float64 tensor, anything else is used as drawn.
+        shrink: let hypothesis shrink a failing point to a simpler one (each try is a
+            full check, so shrinking can take many checks; ``False`` reports the first).
         **check_options: passed to :func:`~bilevel.testing.check_hypergradient`.
 
     Raises:
-        AssertionError: with the report of the smallest failing point hypothesis
-        found (hypothesis shrinks it) and that point.
+        AssertionError: with the report of the failing point (the simplest one
+        hypothesis found when ``shrink``); hypothesis prints the point.
 
     Example (inside a pytest test)::
 
         property_check(MyProblem(), strategies.outer_points(3), data=(X, y), max_examples=10)
     """
     import torch
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import HealthCheck, Phase, given, settings
 
     from bilevel.testing.check import check_hypergradient
 
@@ -44,7 +46,9 @@ def property_check(problem: Any, outer: Any, data: Any = None, *, max_examples: 
             return torch.tensor(value, dtype=torch.float64)
         return value
 
-    @settings(max_examples=max_examples, deadline=None, database=None,
+    phases = tuple(p for p in Phase if shrink or p not in (Phase.shrink, Phase.explain))
+
+    @settings(max_examples=max_examples, deadline=None, database=None, phases=phases,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
     @given(outer)
     def run(point: Any) -> None:
