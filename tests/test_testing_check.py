@@ -256,3 +256,16 @@ def test_property_check_passes_on_a_right_problem_and_reports_a_failure():
         property_check(ridge_like(DetachedRegularizer), bst.outer_points(3), RIDGE.data, max_examples=3,
                        shrink=False, **fast)
     assert "finite_differences" in str(info.value)
+
+
+def test_the_worked_example_in_the_docs_runs(capsys):
+    """docs/checking.md: its Python blocks run in order, and print what the page shows."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "checking.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, re.S)
+    exec(compile("\n".join(blocks), "docs/checking.md", "exec"), {"__name__": "checking_md"})
+    out = capsys.readouterr().out
+    assert "hypergradient check of PerFeatureRidge (mode=implicit, solver=CG(rtol=1e-10)): passed" in out
+    assert re.search(r"finite_differences\s+1\.00e\+00\s+1\.0e-06\s+FAIL", out)
