@@ -36,7 +36,7 @@ from torch import Tensor
 import bilevel
 from bilevel.errors import BilevelError
 from bilevel.problem import BilevelProblem
-from bilevel.pytree import PyTree, ravel
+from bilevel.pytree import PyTree, ravel, tree_norm
 from bilevel.solvers import CG, Direct, LinearSolver, SolveResult
 from bilevel.testing.precision import cast
 from bilevel.testing.report import Comparison, HypergradientReport
@@ -169,7 +169,7 @@ def check_hypergradient(
         prob = RootFunction(problem, outer_loss, optimality)
         name, has_condition, has_update = prob.name, prob.has_optimality, False
         grad, inner, loss, solve = prob.differentiate(outer, data)
-        residual = float(bilevel.pytree.tree_norm(prob.optimality(inner, outer, data))) if has_condition else math.nan
+        residual = float(tree_norm(prob.optimality(inner, outer, data))) if has_condition else math.nan
         checked = _Checked(grad, inner, float(loss), residual, solve)
         label, solver_label = "implicit_root", solver_name(getattr(problem, "solver", None))
     else:
