@@ -24,8 +24,8 @@ def metrics(out) -> list[dict]:
 
 
 def test_meta_training_improves_post_adaptation_loss_on_held_out_tasks(tmp_path):
-    config = Config(steps=150, meta_batch=10, log_every=10, eval_every=150, checkpoint_every=150,
-                    eval_tasks=50, final_tasks=200, out_dir=str(tmp_path), progress=False)
+    config = Config(steps=60, meta_batch=8, meta_lr=3e-3, log_every=10, eval_every=60, checkpoint_every=60,
+                    eval_tasks=20, final_tasks=100, out_dir=str(tmp_path), progress=False)
     final = train(config)["test"]
     assert final["loss_after"] < 0.8 * final["loss_before"]
     first = metrics(tmp_path)[0]["query_loss"]

@@ -34,10 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cg-steps", type=int, default=defaults.cg_steps, help="solver iterations (default 5)")
     p.add_argument("--damping", type=float, default=defaults.damping,
                    help="add damping * I to H + lam I in the adjoint solve (default 0)")
-    p.add_argument("--lam", type=float, help="proximal strength (default 2 on Omniglot, 0.5 on sinusoid; "
+    p.add_argument("--lam", type=float, help="proximal strength (default 2 on Omniglot, 1 on sinusoid; "
                                              "0 for unrolled/first_order)")
     p.add_argument("--inner-lr", type=float, help="inner step size (default 0.1 Omniglot, 0.02 sinusoid)")
-    p.add_argument("--inner-steps", type=int, help="inner steps (default 16 for 5-way, 25 for 20-way, 5 sinusoid)")
+    p.add_argument("--inner-steps", type=int, help="inner steps (default 16 for 5-way, 25 for 20-way, 10 sinusoid)")
     p.add_argument("--inner-optimizer", choices=("gd", "nesterov"), default=defaults.inner_optimizer)
     p.add_argument("--meta-batch", type=int, help="tasks per meta-step (default 32 Omniglot, 25 sinusoid)")
     p.add_argument("--meta-lr", type=float, default=defaults.meta_lr, help="Adam step (default 1e-3)")

@@ -26,8 +26,8 @@ class Config:
     Omniglot defaults are the paper's: ``lam = 2``, 16 inner GD steps of 0.1 for
     5-way (25 for 20-way), 5 CG steps, Adam 1e-3, meta-batch 32. MAML and FOMAML
     (``mode`` ``"unrolled"`` / ``"first_order"``) default to ``lam = 0``, the
-    original algorithms. Sinusoid: 10 shots, 10 queries, meta-batch 25, 5 inner
-    steps of 0.02 with ``lam = 0.5``.
+    original algorithms. Sinusoid: 10 shots, 10 queries, meta-batch 25, 10 inner
+    steps of 0.02 with ``lam = 1``.
     """
 
     dataset: str = "sinusoid"
@@ -75,9 +75,9 @@ class Config:
         defaults = dict(
             shots=1 if omniglot else 10,
             queries=5 if omniglot else 10,
-            lam=(2.0 if omniglot else 0.5) if self.mode == "implicit" else 0.0,
+            lam=(2.0 if omniglot else 1.0) if self.mode == "implicit" else 0.0,
             inner_lr=0.1 if omniglot else 0.02,
-            inner_steps=(16 if self.ways <= 5 else 25) if omniglot else 5,
+            inner_steps=(16 if self.ways <= 5 else 25) if omniglot else 10,
             meta_batch=32 if omniglot else 25,
         )
         filled = {k: v if getattr(self, k) is None else getattr(self, k) for k, v in defaults.items()}

@@ -110,6 +110,9 @@ class _Window:
     """Per-step statistics kept as device tensors between two logs (no host sync per step)."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.loss: list[torch.Tensor] = []
         self.status: list[torch.Tensor] = []
         self.iterations: list[torch.Tensor] = []
@@ -129,7 +132,7 @@ class _Window:
             counts = torch.stack(self.status).sum(0).tolist()
             out["solve_status"] = {s.name.lower(): int(c) for s, c in zip(Status, counts)}
             out["solve_iterations"] = float(torch.stack(self.iterations).mean())
-        self.__init__()
+        self.reset()
         return out
 
 
