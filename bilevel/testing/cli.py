@@ -122,11 +122,13 @@ def _triple(value: Any, where: str) -> tuple[Any, Any, Any]:
 
 
 def _takes_seed(fn: Callable[..., Any]) -> bool:
+    """A parameter named ``seed``, or a required positional one."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return False
-    return any(p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
+    return any(p.name == "seed" or (p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+               for p in params)
 
 
 def point_source(obj: Any, seed: int, spread: float) -> Callable[[int], tuple[Any, Any, Any]]:
