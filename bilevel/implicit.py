@@ -127,7 +127,8 @@ def implicit_root(
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` a non-converged solve or a
             residual ``||G(phi, *args)|| > residual_tol`` (checked in backward,
             outside vmap). NaN/Inf always raises. The last solve's diagnostics
-            are kept in ``decorated.last_solve`` (outside torch.func transforms).
+            are kept in ``decorated.last_solve`` (outside torch.func transforms);
+            ``decorated.optimality`` and ``decorated.solver`` are the arguments given here.
         residual_tol: tolerance on the optimality residual; ``None`` disables the check.
 
     Example::
@@ -168,6 +169,8 @@ def implicit_root(
             out = _ImplicitRoot.apply(spec, *detached, *[arg_leaves[i] for i in slots])
             return pytree.tree_unflatten(list(out), phi_spec)
 
+        decorated.optimality = optimality  # type: ignore[attr-defined]
+        decorated.solver = solver  # type: ignore[attr-defined]
         decorated.last_solve = None  # type: ignore[attr-defined]
         return decorated
 

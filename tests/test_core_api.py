@@ -241,6 +241,7 @@ def test_implicit_root_backward_grad_and_vmap():
     ref = ridge_reference(lam.detach(), data)
     assert rel(lam.grad, ref) < 1e-10
     assert bool(ridge_solution.last_solve.converged)
+    assert isinstance(ridge_solution.solver, CG) and callable(ridge_solution.optimality)
 
     def outer(lam):
         return 0.5 * ((Xv @ ridge_solution(lam, X, y) - yv) ** 2).sum()
