@@ -40,6 +40,34 @@ def test_decoded_images_and_split(data):
     assert len(train) == 1200 and len(test) == 423
 
 
+def test_official_runs_characters_are_held_out_of_meta_training(shared_data, data):
+    runs = load_official_runs(shared_data / "omniglot", download=False)
+    assert len(runs) == 20
+    for run in runs:
+        assert run.support.shape == run.query.shape == (20, 28, 28)
+        assert sorted(run.labels.tolist()) == list(range(20))  # one query drawing per class
+    train, test = data.split()
+    seen = {d.tobytes() for d in train.reshape(-1, 28, 28)}
+    held_out = {d.tobytes() for d in test.reshape(-1, 28, 28)}
+    drawings = [d.tobytes() for run in runs for d in (*run.support, *run.query)]
+    assert all(d in held_out for d in drawings) and not any(d in seen for d in drawings)
+
+
+def test_official_runs_evaluation_adapts_a_20_way_classifier(shared_data):
+    import torch
+
+    from bilevel.problems.imaml import IMAMLProblem, conv4_forward, conv4_init, cross_entropy
+    from bilevel.problems.imaml.evaluation import official_runs_accuracy
+
+    problem = IMAMLProblem(conv4_forward, cross_entropy, lam=0.0, inner_lr=0.5, inner_steps=2)
+    theta = conv4_init(20, channels=8, generator=torch.Generator().manual_seed(0))
+    result = official_runs_accuracy(problem, theta, shared_data / "omniglot")
+    assert len(result["per_run"]) == 20
+    assert all(abs(a * 20 - round(a * 20)) < 1e-9 for a in result["per_run"])  # k of 20 drawings right
+    assert result["accuracy"] == pytest.approx(sum(result["per_run"]) / 20)
+    assert result["accuracy"] > 1 / 20  # adapting on the support drawings beats chance
+
+
 def test_second_load_comes_from_the_cache(shared_data, cache, data):
     assert len(list(cache.glob("omniglot28-*.npz"))) == 1
     start = time.perf_counter()
@@ -95,14 +123,6 @@ def test_repacked_archive_passes_and_truncated_one_fails(shared_data, tmp_path):
         f.truncate(1000)
     with pytest.raises(OmniglotError, match="not a readable zip archive"):
         omniglot.locate_archive("all_runs.zip", broken, download=False)
-
-
-def test_official_runs(shared_data):
-    runs = load_official_runs(shared_data / "omniglot", download=False)
-    assert len(runs) == 20
-    for run in runs:
-        assert run.support.shape == run.query.shape == (20, 28, 28)
-        assert sorted(run.labels.tolist()) == list(range(20))  # one query drawing per class
 
 
 def test_sampler_draws_distinct_classes_and_drawings(data):

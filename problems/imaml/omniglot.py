@@ -43,6 +43,11 @@ ARCHIVES = {  # name -> (content digest, path under OFFICIAL_URL)
                      "one-shot-classification/all_runs.zip"),
 }
 DRAWERS = 20
+# The evaluation alphabets that the 20 official one-shot runs draw from (checked against
+# all_runs.zip by pixel identity); Omniglot.split keeps them out of meta-training.
+OFFICIAL_RUN_ALPHABETS = frozenset({
+    "Atlantean", "Ge_ez", "Glagolitic", "Gurmukhi", "Kannada", "Malayalam", "Manipuri",
+    "Old_Church_Slavonic_(Cyrillic)", "Tengwar", "Tibetan"})
 
 
 class OmniglotError(RuntimeError):
@@ -142,10 +147,18 @@ class Omniglot:
     characters: tuple[str, ...]
 
     def split(self, n_train: int = 1200) -> tuple[np.ndarray, np.ndarray]:
-        """The first ``n_train`` characters for meta-training, the rest for meta-testing."""
+        """``n_train`` characters for meta-training, the rest for meta-testing.
+
+        Characters are taken in order, except that the ten alphabets of the official
+        one-shot runs come last: with 1200 for training (all 964 background
+        characters and 236 evaluation ones), the 423 test characters hold every
+        character of the official runs, so that evaluation on them is fair.
+        """
         if not 0 < n_train < len(self.images):
             raise ValueError(f"n_train must be in 1..{len(self.images) - 1}, got {n_train}")
-        return self.images[:n_train], self.images[n_train:]
+        in_runs = np.array([name.split("/")[1] in OFFICIAL_RUN_ALPHABETS for name in self.characters])
+        order = np.concatenate([np.flatnonzero(~in_runs), np.flatnonzero(in_runs)])
+        return self.images[order[:n_train]], self.images[order[n_train:]]
 
 
 def _decode_archive(path: Path) -> tuple[np.ndarray, list[str]]:
