@@ -1,0 +1,1 @@
+"""Peer implementations of the iMAML meta-gradient, one module per library."""
