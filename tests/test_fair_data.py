@@ -52,6 +52,8 @@ def evaluation_episodes_have_disjoint_support_and_query(communities):
     task = communities[0]
     ep = evaluation_episodes(task, 3, 10, g)
     assert ep["xs"].shape == (3, 10, 97) and ep["xq"].shape == (3, len(task) - 10, 97)
+    big = max(communities, key=len)
+    assert evaluation_episodes(big, 2, 10, g, max_query=15)["xq"].shape == (2, 15, 97)
 
 
 def test_errors_name_the_fix(shared_data, communities):

@@ -26,19 +26,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default="communities", choices=("communities", "lsac", "adult", "bank", "compas"))
     p.add_argument("--methods", nargs="+", default=["fair", "imaml", "maml", "pdfm"],
                    choices=("fair", "imaml", "maml", "pdfm"))
-    p.add_argument("--c", nargs="+", type=float, default=[0.0, 0.02, 0.05],
-                   help="fairness bounds for the constrained methods (default: 0 0.02 0.05)")
+    p.add_argument("--c", nargs="+", type=float, default=[0.0, 0.05, 0.2],
+                   help="fairness bounds for the constrained methods (default: 0 0.05 0.2)")
     p.add_argument("--k-shot", type=int, default=10, help="support rows per task (default 10)")
     p.add_argument("--n-query", type=int, default=10, help="query rows per training task (default 10)")
     p.add_argument("--meta-batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=200, help="meta-training steps per run (default 200)")
+    p.add_argument("--steps", type=int, default=100, help="meta-training steps per run (default 100)")
     p.add_argument("--meta-lr", type=float, default=0.01)
     p.add_argument("--prox", type=float, default=1.0, help="primal prox strength (fair, iMAML)")
     p.add_argument("--mu", type=float, default=1.0, help="dual prox strength (fair)")
-    p.add_argument("--outer-fair-weight", type=float, default=2.0,
-                   help="weight of the query constraint violation in the fair outer loss (default 2)")
-    p.add_argument("--inner-steps", type=int, default=100,
-                   help="inner iterations of the fair and iMAML solves (default 100)")
+    p.add_argument("--outer-fair-weight", type=float, default=1.0,
+                   help="weight of the query constraint violation in the fair outer loss (default 1)")
+    p.add_argument("--inner-steps", type=int, default=150,
+                   help="inner iterations of the fair and iMAML solves (default 150)")
     p.add_argument("--solver", default="minres", choices=("minres", "gmres", "direct", "cg"),
                    help="adjoint solver of the fair method (default minres; cg reports negative curvature)")
     p.add_argument("--episodes", type=int, default=20, help="evaluation episodes per meta-test task")

@@ -211,12 +211,15 @@ def sample_episodes(tasks: list[Task], batch: int, k_shot: int, n_query: int,
     return {key: torch.stack([e[key] for e in episodes]) for key in episodes[0]}
 
 
-def evaluation_episodes(task: Task, episodes: int, k_shot: int, generator: torch.Generator) -> dict[str, Tensor]:
-    """``episodes`` splits of one meta-test task: ``k_shot`` support rows, every other row as query."""
+def evaluation_episodes(task: Task, episodes: int, k_shot: int, generator: torch.Generator,
+                        max_query: int = 400) -> dict[str, Tensor]:
+    """``episodes`` splits of one meta-test task: ``k_shot`` support rows, and the other
+    rows (at most ``max_query`` of them, drawn at random) as the query set."""
     if len(task) <= k_shot:
         raise ValueError(f"task {task.name!r} has {len(task)} rows; need more than k_shot = {k_shot}")
+    end = min(len(task), k_shot + max_query)
     splits = [torch.randperm(len(task), generator=generator) for _ in range(episodes)]
-    parts = [{**_pick(task, p[:k_shot], "s"), **_pick(task, p[k_shot:], "q")} for p in splits]
+    parts = [{**_pick(task, p[:k_shot], "s"), **_pick(task, p[k_shot:end], "q")} for p in splits]
     return {key: torch.stack([e[key] for e in parts]) for key in parts[0]}
 
 

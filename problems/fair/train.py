@@ -52,7 +52,7 @@ class Config:
     mu: float = 1.0
     delta: float = 0.1
     barrier: float = 1e-3
-    outer_fair_weight: float = 2.0
+    outer_fair_weight: float = 1.0
     inner_steps: int = 100
     solver: str = "minres"
     maml_lr: float = 0.1
