@@ -1,0 +1,60 @@
+"""The meta-gradient benchmark: its rows, and our meta-gradient against the converged reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _tasks  # noqa: E402
+import hypergradient  # noqa: E402
+
+
+def test_quick_run_writes_one_row_per_implementation(tmp_path):
+    out = tmp_path / "hg.jsonl"
+    rows = hypergradient.main(["--quick", "--impls", "ours-implicit", "floor",
+                               "--min-time", "0.05", "--out", str(out), "--device", "cpu"])
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["impl"] for r in written] == ["ours-implicit", "floor"] == [r["impl"] for r in rows]
+    for r in written:
+        assert "error" not in r, r
+        assert (r["problem"], r["tasks"], r["steps"], r["cg"]) == ("sinusoid", 4, 5, 5)
+        assert r["time_s"] > 0 and r["rss_peak_mib"] >= r["rss_base_mib"] > 0
+    ours, floor = written
+    # At K = 5 the sinusoid's I + H/lam is indefinite: our CG stops there and says so
+    # (the textbook CG of the reference goes on), so the two differ.
+    assert ours["solve_status"] == {"NEGATIVE_CURVATURE": 4}
+    assert ours["err_same_k"] > 0.1 and ours["err_converged"] > 0.1
+    assert "err_same_k" not in floor and floor["time_s"] < ours["time_s"]
+    table = out.with_suffix(".md").read_text()
+    assert table.count("| sinusoid | 4 | 5 |") == 2 and "ours/floor" in table
+
+
+@pytest.fixture
+def well_posed_sinusoid(monkeypatch):
+    """lam = 50 makes I + H/lam positive definite and K gradient steps contract (rate ~0.9)."""
+    spec = dataclasses.replace(_tasks.SPECS["sinusoid"], lam=50.0, alpha=0.005)
+    monkeypatch.setitem(_tasks.SPECS, "sinusoid", spec)
+
+
+@pytest.mark.usefixtures("well_posed_sinusoid")
+@pytest.mark.parametrize("impl", ["ours-implicit", "ours-implicit-loop"])
+def test_ours_matches_converged_reference_when_inner_and_cg_converge(impl, tmp_path):
+    cfg = {"impl": impl, "problem": "sinusoid", "tasks": 2, "steps": 300, "cg": 30, "device": "cpu",
+           "threads": 1, "seed": 0, "min_time": 0.0, "max_time": 0.0, "grad_out": str(tmp_path / "g.npy")}
+    row = hypergradient.worker(cfg)
+    grad = np.load(cfg["grad_out"])
+    refs = hypergradient.References(seed=0, converged_max_tasks=2)
+    converged, info = refs.converged("sinusoid", 2)
+    assert info["inner_grad_norm"] < 1e-6 and info["cg_rel_residual"] < 1e-8
+    assert np.linalg.norm(grad - converged) / np.linalg.norm(converged) < 1e-4
+    assert set(row["solve_status"]) <= {"CONVERGED", "MAX_ITERATIONS"}  # positive definite: no breakdown
+    same_k = refs.same_k("implicit", "sinusoid", 2, 300, 30)
+    assert np.linalg.norm(grad - same_k) / np.linalg.norm(same_k) < 1e-4
