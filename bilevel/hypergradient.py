@@ -51,14 +51,15 @@ class HypergradientResult:
         grad: ``dF/dtheta``, same structure as ``outer``.
         inner: the inner solution ``phi*`` (detached), same structure as the initialization.
         outer_loss: ``f(phi*, theta)``.
-        inner_residual: ``||G(phi*, theta)||``, how far ``phi*`` is from a root.
+        inner_residual: ``||G(phi*, theta)||``, how far ``phi*`` is from a root
+            (``None`` for a problem that defines no optimality condition).
         solve: diagnostics of the adjoint linear solve (``"implicit"`` mode), else ``None``.
     """
 
     grad: PyTree
     inner: PyTree
     outer_loss: Tensor
-    inner_residual: Tensor
+    inner_residual: Tensor | None = None
     solve: SolveResult | None = None
 
 
@@ -146,6 +147,12 @@ def _initial(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | N
     return problem.initial_inner(outer, data) if init is None else init
 
 
+def _residual(problem: BilevelProblem, inner: PyTree, outer: PyTree, data: Any) -> Tensor | None:
+    if not problem.defines_optimality:
+        return None
+    return tree_norm(problem.optimality(inner, outer, data)).detach()
+
+
 def _outer_value_and_grads(problem: BilevelProblem, inner: PyTree, outer: PyTree, data: Any):
     objective = scalar_objective(problem.outer_objective, f"{type(problem).__name__}.outer_objective")
     (d_inner, d_outer), loss = torch.func.grad_and_value(objective, argnums=(0, 1))(inner, outer, data)
@@ -186,8 +193,7 @@ def _first_order(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree
         _, init_vjp = torch.func.vjp(lambda o: problem.initial_inner(o, data), outer)
         (through_init,) = init_vjp(d_inner)
         d_outer = tree_map(torch.add, d_outer, through_init)
-    residual = tree_norm(problem.optimality(inner, outer, data)).detach()
-    return HypergradientResult(d_outer, inner, loss.detach(), residual, None)
+    return HypergradientResult(d_outer, inner, loss.detach(), _residual(problem, inner, outer, data))
 
 
 def _unrolled(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | None,
@@ -212,5 +218,4 @@ def _unrolled(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | 
 
     grad, (loss, inner) = torch.func.grad_and_value(unrolled_loss, has_aux=True)(outer)
     inner = tree_map(torch.Tensor.detach, inner)
-    residual = tree_norm(problem.optimality(inner, outer, data)).detach()
-    return HypergradientResult(grad, inner, loss.detach(), residual, None)
+    return HypergradientResult(grad, inner, loss.detach(), _residual(problem, inner, outer, data))

@@ -59,8 +59,8 @@ def report(message: str, on_failure: OnFailure) -> None:
         warnings.warn(message, ConvergenceWarning, stacklevel=_caller_stacklevel())
 
 
-def check_inner_residual(residual: Tensor, residual_tol: float | None, on_failure: OnFailure) -> None:
-    if residual_tol is None:
+def check_inner_residual(residual: Tensor | None, residual_tol: float | None, on_failure: OnFailure) -> None:
+    if residual is None or residual_tol is None:
         return
     worst = float(residual.detach().max())
     if worst > residual_tol:

@@ -78,6 +78,18 @@ class BilevelProblem:
             f"{type(self).__name__} must define initial_inner(outer, data), or pass init=... "
             "to bilevel.hypergradient")
 
+    @property
+    def defines_optimality(self) -> bool:
+        """Whether the subclass defines an optimality condition (``inner_objective`` or ``optimality``).
+
+        A problem without one (an inner procedure of fixed steps, differentiated
+        only in the ``"unrolled"`` or ``"first_order"`` modes with its own
+        ``inner_update``) has no residual to report.
+        """
+        cls = type(self)
+        return (cls.optimality is not BilevelProblem.optimality
+                or cls.inner_objective is not BilevelProblem.inner_objective)
+
     def optimality(self, inner: PyTree, outer: PyTree, data: Any) -> PyTree:
         """``G(phi, theta)``, zero at the inner solution; same structure as ``inner``.
 

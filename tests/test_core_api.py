@@ -432,3 +432,28 @@ def test_check_result_after_vmap_raises_for_failed_systems():
         lambda lam: bilevel.hypergradient(ClosedFormRidge(), lam, data, solver=CG(maxiter=1)))(lams)
     with pytest.raises(ConvergenceError, match="system 1: MAX_ITERATIONS"):
         bilevel.check_result(batched, on_failure="raise")
+
+
+def test_problem_without_optimality_condition_reports_no_residual():
+    class FixedSteps(BilevelProblem):
+        """MAML-style: a fixed inner procedure, no optimality condition."""
+
+        inner_steps = 3
+
+        def inner_update(self, w, theta, data):
+            return w - 0.1 * (w - theta)
+
+        def outer_objective(self, w, theta, data):
+            return (w**2).sum()
+
+        def initial_inner(self, theta, data):
+            return theta
+
+    theta = torch.ones(2, dtype=DT)
+    unrolled = bilevel.hypergradient(FixedSteps(), theta, None, mode="unrolled")
+    assert unrolled.inner_residual is None
+    torch.testing.assert_close(unrolled.grad, 2 * theta)  # w = theta at every step
+    first = bilevel.hypergradient(FixedSteps(), theta, None, mode="first_order")
+    assert first.inner_residual is None
+    with pytest.raises(NotImplementedError, match="inner_objective.*or optimality"):
+        bilevel.hypergradient(FixedSteps(), theta, None)
