@@ -35,6 +35,7 @@ def _common(parser: argparse.ArgumentParser, *, n_train: int | None, n_val: int 
     loop.add_argument("--tol-min", type=float, default=1e-8, help="smallest tolerance")
     loop.add_argument("--first-move", type=float, default=1.0,
                       help="the first step moves the largest hyperparameter by this much")
+    loop.add_argument("--grow", type=float, default=1.5, help="step size factor after an accepted step")
     loop.add_argument("--max-inner-iter", type=int, default=2000, help="inner solver iteration cap")
     loop.add_argument("--cg-maxiter", type=int, default=1000, help="conjugate gradient iteration cap")
     loop.add_argument("--on-failure", choices=("warn", "raise", "ignore"), default="warn",

@@ -77,7 +77,7 @@ def run_experiment(settings: dict[str, Any], build: Callable[[dict[str, Any]], T
     task = build(settings)
     hoag = HOAG(task.problem, task.data, solver=CG(maxiter=settings["cg_maxiter"]), tol0=settings["tol0"],
                 tol_decay=settings["tol_decay"], tol_min=settings["tol_min"], first_move=settings["first_move"],
-                on_failure=settings["on_failure"])
+                grow=settings["grow"],                 on_failure=settings["on_failure"])
     if settings["resume"]:
         state, elapsed, records = _resume(ckpt_path, metrics_path, config)
     else:

@@ -95,7 +95,7 @@ class HOAG:
 
     def __init__(self, problem: BilevelProblem, data: Any, *, solver: LinearSolver | None = None,
                  tol0: float = 1e-3, tol_decay: float = 0.9, tol_min: float = 1e-8, first_move: float = 1.0,
-                 grow: float = 1.2, shrink: float = 0.5, on_failure: str = "warn"):
+                 grow: float = 1.5, shrink: float = 0.5, on_failure: str = "warn"):
         if not (0 < tol_decay <= 1 and 0 < tol_min <= tol0):
             raise ValueError(f"need 0 < tol_decay <= 1 and 0 < tol_min <= tol0, got tol_decay={tol_decay}, "
                              f"tol_min={tol_min}, tol0={tol0}")
