@@ -1,0 +1,71 @@
+"""``bilevel hyperopt``: files written, exact resume, and the errors of a bad resume."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from bilevel.problems.hyperparameter import cli
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bilevel")
+    cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["hyperopt", *argv])
+    return args.func(args)
+
+
+def records(folder) -> list[dict]:
+    with open(folder / "metrics.jsonl") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def without_time(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("time",)} for r in rows]
+
+
+def test_l2_run_and_exact_resume(tmp_path, shared_data, capsys):
+    common = ["l2", "--dataset", "german", "--data-dir", str(shared_data), "--no-progress", "--n-train", "300",
+              "--n-val", "200", "--n-test", "200", "--checkpoint-every", "2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run([*common, "--out", str(straight), "--steps", "6"]) == 0
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = records(straight)
+    assert [r["step"] for r in rows] == list(range(7)) and final["step"] == 6
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    assert {"test_loss", "test_acc", "tol", "accepted", "solve_iterations"} <= set(rows[-1])
+    assert (straight / "plot.png").stat().st_size > 0
+    assert json.loads((straight / "summary.json").read_text())["final"]["step"] == 6
+
+    assert run([*common, "--out", str(resumed), "--steps", "3", "--no-plot"]) == 0
+    with open(resumed / "metrics.jsonl", "a") as fh:  # a step logged after the last checkpoint is redone
+        fh.write(json.dumps({"step": 4, "time": 0.0, "val_loss": -1.0}) + "\n")
+    assert run([*common, "--out", str(resumed), "--steps", "6", "--resume", "--no-plot"]) == 0
+    assert without_time(records(resumed)) == without_time(rows)
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)["state"]
+    b = torch.load(resumed / "checkpoint.pt", weights_only=True)["state"]
+    assert torch.equal(a["outer"], b["outer"]) and torch.equal(a["inner"], b["inner"])
+
+
+def test_resume_errors_name_the_fix(tmp_path, shared_data):
+    common = ["l2", "--dataset", "german", "--data-dir", str(shared_data), "--no-progress", "--no-plot",
+              "--out", str(tmp_path), "--steps", "1"]
+    with pytest.raises(FileNotFoundError, match="run once without --resume"):
+        run([*common, "--resume"])
+    assert run(common) == 0
+    with pytest.raises(ValueError, match=r"settings \['seed'\] differ"):
+        run([*common, "--resume", "--seed", "1"])
+
+
+def test_cleaning_run_reports_the_separation_of_corrupted_examples(tmp_path, shared_data):
+    out = tmp_path / "cleaning"
+    assert run(["cleaning", "--corruption", "0.5", "--data-dir", str(shared_data), "--n-train", "300",
+                "--n-val", "200", "--n-test", "300", "--reg", "1e-2", "--steps", "3", "--no-progress",
+                "--out", str(out)]) == 0
+    rows = records(out)
+    assert len(rows) == 4 and {"auc", "precision", "recall", "test_acc"} <= set(rows[-1])
+    assert rows[-1]["auc"] > 0.6 and rows[-1]["val_loss"] < rows[0]["val_loss"]
+    assert (out / "plot.png").exists()
