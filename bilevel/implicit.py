@@ -93,7 +93,7 @@ class _ImplicitRoot(torch.autograd.Function):
 
         solve = spec.solver(adjoint_matvec, b)
         cross = vjp_fn(unravel(solve.x))[1:]
-        if not any_vmapped(b, *phi_leaves):
+        if not any_vmapped(b, residual, *phi_leaves):
             check_solve(solve, spec.on_failure)
             check_inner_residual(tree_norm(residual), spec.residual_tol, spec.on_failure)
             require_finite(cross, "the implicit gradient of the decorated function's arguments",

@@ -52,14 +52,15 @@ class BilevelProblem:
         inner_steps: steps of the default :meth:`solve_inner` (at most) and of the
             ``"unrolled"``/``"truncated"`` modes (exactly).
         inner_tol: the default :meth:`solve_inner` stops once ``||G|| <= inner_tol``
-            (checked every 10 steps, and never under ``torch.func.vmap``).
+            (checked every 10 steps, and never under ``torch.func.vmap``); ``None``
+            always runs all ``inner_steps``.
         residual_tol: :func:`bilevel.hypergradient` reports an inner solution whose
             residual ``||G(phi*, theta)||`` exceeds it (``None`` disables the check).
     """
 
     inner_lr: float = 0.1
     inner_steps: int = 100
-    inner_tol: float = 1e-6
+    inner_tol: float | None = 1e-6
     residual_tol: float | None = 1e-4
 
     def inner_objective(self, inner: PyTree, outer: PyTree, data: Any) -> Tensor:
@@ -112,14 +113,17 @@ class BilevelProblem:
         """Approximate ``phi*``: up to ``inner_steps`` of :meth:`inner_update` from ``init``.
 
         Called without a graph; stops early once ``||G|| <= inner_tol`` (checked
-        every 10 steps outside ``torch.func.vmap``).
+        every 10 steps outside ``torch.func.vmap``, whichever argument it batches).
         """
         inner = init
-        check_early_exit = not any_vmapped(init, outer)
+        check_early_exit = self.inner_tol is not None and not any_vmapped(init, outer, data)
         for step in range(1, self.inner_steps + 1):
             inner = self.inner_update(inner, outer, data)
             if check_early_exit and step % 10 == 0:
-                if float(tree_norm(self.optimality(inner, outer, data))) <= self.inner_tol:
+                residual = tree_norm(self.optimality(inner, outer, data))
+                if any_vmapped(residual):  # batched through a part of data we cannot see into
+                    check_early_exit = False
+                elif float(residual) <= self.inner_tol:
                     break
         return inner
 

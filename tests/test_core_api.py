@@ -457,3 +457,27 @@ def test_problem_without_optimality_condition_reports_no_residual():
     assert first.inner_residual is None
     with pytest.raises(NotImplementedError, match="inner_objective.*or optimality"):
         bilevel.hypergradient(FixedSteps(), theta, None)
+
+
+def test_default_inner_solver_under_vmap_over_data_only():
+    """The early-exit check must not read batched values, whichever argument vmap batches."""
+    datas = [make_data(seed=s) for s in range(3)]
+    stacked = tuple(torch.stack(parts) for parts in zip(*datas))
+    problem = Ridge()
+    problem.inner_steps = 40  # several early-exit checkpoints
+    lam = torch.zeros(4, dtype=DT)
+    batched = torch.func.vmap(
+        lambda d: bilevel.hypergradient(problem, lam, d, on_failure="ignore"))(stacked)
+    looped = [bilevel.hypergradient(problem, lam, d, on_failure="ignore") for d in datas]
+    torch.testing.assert_close(batched.inner, torch.stack([r.inner for r in looped]))
+
+
+def test_inner_tol_none_runs_every_step():
+    problem = Ridge()
+    problem.inner_steps, problem.inner_tol = 30, None
+    data = make_data()
+    init = torch.zeros(4, dtype=DT)
+    expected = init
+    for _ in range(30):
+        expected = problem.inner_update(expected, torch.zeros(4, dtype=DT), data)
+    torch.testing.assert_close(problem.solve_inner(torch.zeros(4, dtype=DT), data, init), expected)
