@@ -87,6 +87,8 @@ def test_first_order_mode_is_the_query_gradient_at_phi():
         phi = problem.solve_inner(theta, task, theta)
         expected.append(flat(torch.func.grad(lambda p: problem.query_loss(p, task))(phi)))
     torch.testing.assert_close(flat(got), torch.stack(expected).mean(0))
+    with pytest.raises(ValueError, match="solver= applies only to mode='implicit'"):
+        meta_gradient(problem, theta, tasks, mode="first_order", solver=CG())
 
 
 @pytest.mark.parametrize("mode", ["implicit", "unrolled", "first_order"])

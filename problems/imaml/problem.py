@@ -139,6 +139,8 @@ def meta_gradient(problem: IMAMLProblem, theta: Params, tasks: Task, *,
     No value is read back to the host.
     """
     implicit = mode == "implicit"
+    if solver is not None and not implicit:
+        raise ValueError(f"solver= applies only to mode='implicit', not mode={mode!r}")
     if implicit and solver is None:
         solver = CG(maxiter=5)
     kwargs = {"solver": solver} if implicit else {}
