@@ -34,11 +34,11 @@ class HyperCleaning(BilevelProblem):
         reg: L2 strength of the inner problem (keeps it strongly convex).
         inner_tol: gradient-norm tolerance of the inner solve (and the residual tolerance).
         max_inner_iter: iteration cap of the inner solver.
-        method: inner solver, ``"newton"``, ``"lbfgs"`` or ``"auto"`` (Newton for small models).
+        method: inner solver, ``"lbfgs"`` or ``"newton"`` (to round-off; for small models).
     """
 
     def __init__(self, *, reg: float = 1e-3, inner_tol: float = 1e-6, max_inner_iter: int = 2000,
-                 method: str = "auto"):
+                 method: str = "lbfgs"):
         if not reg > 0:
             raise ValueError(f"reg must be > 0 so that the inner problem is strongly convex, got {reg}")
         self.reg = reg

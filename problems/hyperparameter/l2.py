@@ -5,7 +5,7 @@ that it stays positive)::
 
     W*(lambda) = argmin_W  1/n sum_i loss(x_i, y_i; W) + 1/2 sum_j exp(lambda_j) ||W_j||^2
 
-(the bias row is not penalized), solved exactly by Newton's method (small models) or L-BFGS to ``||grad|| <=
+(the bias row is not penalized), solved by L-BFGS (or Newton's method) to ``||grad|| <=
 inner_tol``. Outer problem: the mean validation loss ``F(lambda) =
 loss_val(W*(lambda))``. The inner Hessian is positive definite, so the adjoint
 system of the implicit hypergradient is solved by conjugate gradients
@@ -32,11 +32,11 @@ class PerFeatureL2(BilevelProblem):
     Args:
         inner_tol: gradient-norm tolerance of the inner solve (and the residual tolerance).
         max_inner_iter: iteration cap of the inner solver.
-        method: inner solver, ``"newton"``, ``"lbfgs"`` or ``"auto"`` (Newton for small models).
+        method: inner solver, ``"lbfgs"`` or ``"newton"`` (to round-off; for small models).
     """
 
     def __init__(self, *, inner_tol: float = 1e-6, max_inner_iter: int = 2000,
-                 method: str = "auto"):
+                 method: str = "lbfgs"):
         self.inner_tol = inner_tol
         self.residual_tol = inner_tol
         self.max_inner_iter = max_inner_iter
