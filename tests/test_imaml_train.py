@@ -68,15 +68,16 @@ def test_config_validation():
     assert Config(dataset="omniglot", mode="unrolled").resolved().lam == 0.0
 
 
-def test_unavailable_solver_is_named(tmp_path):
-    from bilevel.problems.imaml.experiment import make_solver
+def test_solvers_are_made_by_name_and_a_missing_one_is_named(monkeypatch):
     import bilevel.solvers
+    from bilevel.problems.imaml.experiment import make_solver
 
     cg = make_solver("cg", 7, 0.5)
-    assert (cg.maxiter, cg.ridge) == (7, 0.5)
-    if not hasattr(bilevel.solvers, "BiCGSTAB"):
-        with pytest.raises(ValueError, match="not available in this version"):
-            make_solver("bicgstab", 5, 0.0)
+    assert (type(cg).__name__, cg.maxiter, cg.ridge) == ("CG", 7, 0.5)
+    assert type(make_solver("minres", 5, 0.0)).__name__ == "MINRES"
+    monkeypatch.delattr(bilevel.solvers, "BiCGSTAB")
+    with pytest.raises(ValueError, match=r"'bicgstab' \(BiCGSTAB\) is not available.*'cg'"):
+        make_solver("bicgstab", 5, 0.0)
 
 
 def test_cli_runs_a_short_sinusoid_training(tmp_path, capsys):

@@ -37,11 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lam", type=float, help="proximal strength (default 2 on Omniglot, 1 on sinusoid; "
                                              "0 for unrolled/first_order)")
     p.add_argument("--inner-lr", type=float, help="inner step size (default 0.1 Omniglot, 0.02 sinusoid)")
-    p.add_argument("--inner-steps", type=int, help="inner steps (default 16 for 5-way, 25 for 20-way, 10 sinusoid)")
+    p.add_argument("--inner-steps", type=int, help="inner steps (default 16 for 5-way, 25 for 20-way, 40 sinusoid)")
     p.add_argument("--inner-optimizer", choices=("gd", "nesterov"), default=defaults.inner_optimizer)
     p.add_argument("--meta-batch", type=int, help="tasks per meta-step (default 32 Omniglot, 25 sinusoid)")
     p.add_argument("--meta-lr", type=float, default=defaults.meta_lr, help="Adam step (default 1e-3)")
-    p.add_argument("--steps", type=int, default=defaults.steps, help="meta-steps (default 2000)")
+    p.add_argument("--steps", type=int, help="meta-steps (default 1000 sinusoid, 30000 Omniglot)")
     p.add_argument("--log-every", type=int, default=defaults.log_every)
     p.add_argument("--eval-every", type=int, default=defaults.eval_every)
     p.add_argument("--eval-tasks", type=int, default=defaults.eval_tasks, help="held-out tasks per evaluation")
