@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from ._result import SolveResult, Status
 
-__all__ = ["LinearSolver", "MatVec", "Preconditioner", "is_vmapped"]
+__all__ = ["IterativeSolver", "LinearSolver", "MatVec", "Preconditioner", "is_vmapped"]
 
 MatVec = Callable[[Tensor], Tensor]
 """Applies ``A`` to a tensor shaped like ``b``."""
@@ -243,3 +244,35 @@ def finish(op: MatVec, b: Tensor, x: Tensor, status: Tensor, iterations: Tensor,
 def mark(status: Tensor, mask: Tensor, code: Status) -> Tensor:
     """Set ``code`` where ``mask`` holds (only ever applied to running systems)."""
     return torch.where(mask, int(code), status)
+
+
+@dataclass(frozen=True, kw_only=True)
+class IterativeSolver:
+    """The options every iterative solver shares, in scipy's vocabulary.
+
+    Attributes:
+        rtol, atol: stop a system once ``||b - A x|| <= max(rtol ||b||, atol)``.
+        maxiter: iteration cap per system; ``None`` means the solver's default.
+        M: preconditioner, a callable applying ``M ~ A^{-1}``.
+        ridge: solve ``(A + ridge I) x = b`` instead.
+        history: record the residual norm after every iteration.
+    """
+
+    rtol: float = 1e-5
+    atol: float = 0.0
+    maxiter: int | None = None
+    M: Preconditioner | None = None
+    ridge: float = 0.0
+    history: bool = False
+
+    def __post_init__(self) -> None:
+        check_iterative(self)
+
+    def start(self, matvec: MatVec, b: Tensor, x0: Tensor | None,
+              default_maxiter: Callable[[int], int]) -> tuple[MatVec, Preconditioner, Start, int]:
+        """The damped operator, the preconditioner, the initial state and the iteration cap
+        (``default_maxiter(n)`` for ``n`` unknowns when ``maxiter`` is ``None``)."""
+        op = operator(matvec, self.ridge)
+        precond = self.M if self.M is not None else identity
+        state = Start(op, b, x0, self.rtol, self.atol)
+        return op, precond, state, self.maxiter or default_maxiter(b.shape[-1])

@@ -29,7 +29,7 @@ def materialize(op: MatVec, b: Tensor) -> Tensor:
     return cols.movedim(0, -1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Direct:
     """Materialize ``A`` with ``n`` matvecs and solve densely.
 

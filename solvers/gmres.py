@@ -32,8 +32,8 @@ def _unit(v: Tensor, length: Tensor, mask: Tensor) -> Tensor:
     return B.select(ok, B.safe_div(v, B.vec(length), B.vec(ok)), torch.zeros_like(v))
 
 
-@dataclass(frozen=True)
-class GMRES:
+@dataclass(frozen=True, kw_only=True)
+class GMRES(B.IterativeSolver):
     """Generalized minimal residual method, restarted (Saad & Schultz, 1986).
 
     Arnoldi builds an orthonormal basis ``V_j`` of the Krylov space of ``A M`` and
@@ -63,23 +63,14 @@ class GMRES:
     """
 
     restart: int = 20
-    rtol: float = 1e-5
-    atol: float = 0.0
-    maxiter: int | None = None
-    M: Preconditioner | None = None
-    ridge: float = 0.0
-    history: bool = False
 
     def __post_init__(self) -> None:
-        B.check_iterative(self)
+        super().__post_init__()
         B.check_count("restart", self.restart, allow_none=False)
 
     def __call__(self, matvec: MatVec, b: Tensor, x0: Tensor | None = None) -> SolveResult:
-        op = B.operator(matvec, self.ridge)
-        precond = self.M if self.M is not None else B.identity
-        s = B.Start(op, b, x0, self.rtol, self.atol)
+        op, precond, s, maxiter = self.start(matvec, b, x0, default_maxiter=lambda n: 10 * n)
         n = b.shape[-1]
-        maxiter = self.maxiter or 10 * n
         restart = min(self.restart, n)
         x, r, rnorm, status, its = s.x, s.r, s.rnorm, s.status, s.iterations
         history = [rnorm] if self.history else None

@@ -8,12 +8,12 @@ import torch
 from torch import Tensor
 
 from . import _base as B
-from ._base import MatVec, Preconditioner
+from ._base import MatVec
 from ._result import SolveResult, Status
 
 
-@dataclass(frozen=True)
-class MINRES:
+@dataclass(frozen=True, kw_only=True)
+class MINRES(B.IterativeSolver):
     """Minimum residual method (Paige & Saunders, 1975).
 
     For symmetric ``A``, definite or not. The Lanczos process builds an orthonormal
@@ -39,21 +39,9 @@ class MINRES:
         history: record the residual norm after every iteration.
     """
 
-    rtol: float = 1e-5
-    atol: float = 0.0
-    maxiter: int | None = None
-    M: Preconditioner | None = None
-    ridge: float = 0.0
-    history: bool = False
-
-    def __post_init__(self) -> None:
-        B.check_iterative(self)
 
     def __call__(self, matvec: MatVec, b: Tensor, x0: Tensor | None = None) -> SolveResult:
-        op = B.operator(matvec, self.ridge)
-        precond = self.M if self.M is not None else B.identity
-        s = B.Start(op, b, x0, self.rtol, self.atol)
-        maxiter = self.maxiter or 10 * b.shape[-1]
+        op, precond, s, maxiter = self.start(matvec, b, x0, default_maxiter=lambda n: 10 * n)
         x, r, rnorm, status, its = s.x, s.r, s.rnorm, s.status, s.iterations
         history = [rnorm] if self.history else None
 

@@ -8,12 +8,12 @@ import torch
 from torch import Tensor
 
 from . import _base as B
-from ._base import MatVec, Preconditioner
+from ._base import MatVec
 from ._result import SolveResult, Status
 
 
-@dataclass(frozen=True)
-class Neumann:
+@dataclass(frozen=True, kw_only=True)
+class Neumann(B.IterativeSolver):
     """Neumann series ``A^{-1} b = alpha sum_k (I - alpha A)^k b``.
 
     The series converges when the spectral radius of ``I - alpha A`` is below 1
@@ -40,24 +40,15 @@ class Neumann:
     """
 
     alpha: float = 1.0
-    rtol: float = 1e-5
-    atol: float = 0.0
-    maxiter: int | None = None
-    M: Preconditioner | None = None
-    ridge: float = 0.0
-    history: bool = False
     divergence_factor: float = 1e3
 
     def __post_init__(self) -> None:
-        B.check_iterative(self)
+        super().__post_init__()
         B.check_positive("alpha", self.alpha)
         B.check_positive("divergence_factor", self.divergence_factor)
 
     def __call__(self, matvec: MatVec, b: Tensor, x0: Tensor | None = None) -> SolveResult:
-        op = B.operator(matvec, self.ridge)
-        precond = self.M if self.M is not None else B.identity
-        s = B.Start(op, b, x0, self.rtol, self.atol)
-        maxiter = self.maxiter or 100
+        op, precond, s, maxiter = self.start(matvec, b, x0, default_maxiter=lambda n: 100)
         x, r, rnorm, status, its = s.x, s.r, s.rnorm, s.status, s.iterations
         limit = self.divergence_factor * rnorm
         history = [rnorm] if self.history else None
