@@ -4,7 +4,6 @@ the official one-shot runs, and a short meta-training on the real archives."""
 from __future__ import annotations
 
 import shutil
-import time
 import zipfile
 
 import numpy as np
@@ -68,11 +67,14 @@ def test_official_runs_evaluation_adapts_a_20_way_classifier(shared_data):
     assert result["accuracy"] > 1 / 20  # adapting on the support drawings beats chance
 
 
-def test_second_load_comes_from_the_cache(shared_data, cache, data):
+def test_second_load_comes_from_the_cache(shared_data, cache, data, monkeypatch):
     assert len(list(cache.glob("omniglot28-*.npz"))) == 1
-    start = time.perf_counter()
+
+    def no_decoding(path):
+        raise AssertionError(f"{path} was decoded again instead of read from the cache")
+
+    monkeypatch.setattr(omniglot, "_decode_archive", no_decoding)
     again = load_omniglot(shared_data, cache, download=False)  # the omniglot/ subfolder is found
-    assert time.perf_counter() - start < 5
     np.testing.assert_array_equal(again.images, data.images)
     assert again.characters == data.characters
 
@@ -158,10 +160,10 @@ def test_short_meta_training_learns_on_held_out_characters(data, tmp_path):
     from bilevel.problems.imaml.train import train
 
     config = Config(dataset="omniglot", ways=5, shots=1, queries=2, channels=16, meta_batch=4, inner_steps=3,
-                    steps=20, log_every=10, eval_every=20, checkpoint_every=20, eval_tasks=20,
-                    final_tasks=20, out_dir=str(tmp_path), progress=False)
+                    lam=0.5, inner_lr=0.4, steps=20, log_every=10, eval_every=20, checkpoint_every=20,
+                    eval_tasks=20, final_tasks=20, out_dir=str(tmp_path), progress=False)
     final = train(config, omniglot_images=data.split())
     test = final["test"]
     assert test["loss_after"] < test["loss_before"]
-    assert test["acc_after"] > 0.35  # chance is 0.2
+    assert test["acc_after"] > test["acc_before"] + 0.1  # chance is 0.2
     assert (tmp_path / "learning_curves.png").stat().st_size > 0
