@@ -81,8 +81,8 @@ def minimize_lbfgs(objective: Callable[[Tensor], Tensor], init: Tensor, *, tol: 
     return weights.detach(), norm, done
 
 
-def minimize_newton(objective: Callable[[Tensor], Tensor], init: Tensor, *, tol: float, max_iter: int = 100,
-                    ) -> tuple[Tensor, float, int]:
+def minimize_newton(objective: Callable[[Tensor], Tensor], init: Tensor, *, tol: float,
+                    max_iter: int = 100) -> tuple[Tensor, float, int]:
     """Minimize a smooth strongly convex ``objective`` by Newton's method with a backtracking
     (Armijo) line search, until ``||grad|| <= tol`` or ``max_iter`` iterations.
 
@@ -91,7 +91,10 @@ def minimize_newton(objective: Callable[[Tensor], Tensor], init: Tensor, *, tol:
     ``(minimizer, final gradient norm, iterations)``.
     """
     shape = init.shape
-    flat_objective = lambda v: objective(v.reshape(shape))  # noqa: E731
+
+    def flat_objective(v: Tensor) -> Tensor:
+        return objective(v.reshape(shape))
+
     grad_fn = torch.func.grad_and_value(flat_objective)
     hess_fn = torch.func.hessian(flat_objective)
     x = init.detach().reshape(-1).clone()

@@ -16,7 +16,6 @@ import dataclasses
 import time
 from typing import Any, NamedTuple
 
-import torch
 from torch import Tensor
 
 from bilevel import BilevelProblem, HypergradientResult, hypergradient
