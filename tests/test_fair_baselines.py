@@ -51,3 +51,14 @@ def test_pdfm_dual_steps_are_projected_ascent():
     torch.testing.assert_close(dual, torch.tensor(0.2 + 0.5 * (0.05 + 0.25)))
     torch.testing.assert_close(pdfm_dual_step(torch.tensor(0.01), torch.tensor([0.0]), c=0.5, meta_dual_lr=1.0),
                                torch.tensor(0.0))  # projected onto lambda >= 0
+
+
+def test_pdfm_task_constraint_set_sees_query_inputs_only():
+    outer, data = outer_point(), small_task()
+    problem = PDFMProblem(c=0.0, constraint_set="task")
+    adapted = problem.solve_inner(outer, data, problem.initial_inner(outer, data))
+    flipped = problem.solve_inner(outer, {**data, "yq": 1 - data["yq"]}, outer["theta"])
+    torch.testing.assert_close(adapted, flipped, rtol=0, atol=0)
+    published = PDFMProblem(c=0.0)
+    other = published.solve_inner(outer, data, published.initial_inner(outer, data))
+    assert float((adapted["w"] - other["w"]).abs().max()) > 1e-6

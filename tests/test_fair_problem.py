@@ -100,3 +100,31 @@ def test_rejects_parameters_that_break_uniqueness():
         FairMetaProblem(prox=0.0)
     with pytest.raises(ValueError, match="barrier must be > 0"):
         FairMetaProblem(barrier=0.0)
+
+
+def test_task_constraint_set_uses_query_inputs_but_never_query_labels():
+    outer, data = outer_point(), small_task()
+    problem = FairMetaProblem(c=0.0, constraint_set="task", inner_steps=500, inner_tol=1e-12)
+
+    def adapted(d):
+        return problem.solve_inner(outer, d, problem.initial_inner(outer, d))["model"]
+
+    base = adapted(data)
+    flipped = adapted({**data, "yq": 1 - data["yq"]})
+    torch.testing.assert_close(base, flipped, rtol=0, atol=0)
+    support_only = FairMetaProblem(c=0.0, inner_steps=500, inner_tol=1e-12)
+    other = support_only.solve_inner(outer, data, support_only.initial_inner(outer, data))["model"]
+    assert float((base["w"] - other["w"]).abs().max()) > 1e-4  # the query inputs do enter the constraint
+
+
+def test_task_constraint_set_meta_gradient_matches_finite_differences():
+    problem = FairMetaProblem(c=0.01, constraint_set="task", inner_steps=2000, inner_tol=1e-12,
+                              outer_fair_weight=0.5)
+    report = check_hypergradient(problem, outer_point(), small_task(), solver=MINRES(rtol=1e-12),
+                                 references=("finite_differences", "direct"), rtol=1e-5, eps=1e-5)
+    assert report.passed
+
+
+def test_unknown_constraint_set_is_rejected():
+    with pytest.raises(ValueError, match="unknown constraint_set 'query'"):
+        FairMetaProblem(constraint_set="query")

@@ -27,7 +27,7 @@ from bilevel import BilevelProblem
 from bilevel.policy import any_vmapped
 from bilevel.pytree import tree_map, tree_norm
 
-from .model import Params, bce, covariance, score
+from .model import CONSTRAINT_SETS, Params, bce, constraint_inputs, covariance, score
 from .optim import accelerated_descent
 from .problem import Outer, _sq_dist
 
@@ -101,18 +101,25 @@ class PDFMProblem(BilevelProblem):
         inner_lr, inner_steps: primal gradient steps per round.
         dual_lr: step of the per-task dual ascent.
         pd_updates: number of primal-dual rounds.
+        constraint_set: where ``DBC_p`` is evaluated during adaptation, ``"support"`` (as
+            published) or ``"task"`` (support rows and query inputs, transductive).
     """
 
     residual_tol = None  # a fixed number of primal-dual steps, not a root
 
     def __init__(self, c: float = 0.05, *, inner_lr: float = 0.1, inner_steps: int = 1, dual_lr: float = 0.5,
-                 pd_updates: int = 10):
+                 pd_updates: int = 10, constraint_set: str = "support"):
+        if constraint_set not in CONSTRAINT_SETS:
+            raise ValueError(f"unknown constraint_set {constraint_set!r}; choose one of {CONSTRAINT_SETS}")
+        self.constraint_set = constraint_set
         self.c, self.inner_lr, self.inner_steps = c, inner_lr, inner_steps
         self.dual_lr, self.pd_updates = dual_lr, pd_updates
 
     def penalized(self, model: Params, lam: Tensor, data: dict[str, Tensor]) -> Tensor:
-        """PDFM's primal objective ``BCE + lam (|DBC_p| - c)`` on the support set."""
-        return bce(model, data["xs"], data["ys"]) + lam * (probability_dbc(model, data["xs"], data["zs"]) - self.c)
+        """PDFM's primal objective ``BCE + lam (|DBC_p| - c)``: BCE on the support set, ``DBC_p`` on the
+        constraint set."""
+        dbc = probability_dbc(model, *constraint_inputs(data, self.constraint_set))
+        return bce(model, data["xs"], data["ys"]) + lam * (dbc - self.c)
 
     def inner_objective(self, inner: Params, outer: Outer, data: dict[str, Tensor]) -> Tensor:
         return self.penalized(inner, outer["lambda0"], data)
@@ -128,7 +135,7 @@ class PDFMProblem(BilevelProblem):
                 grad = torch.func.grad(self.penalized)(model, lam, data)
                 model = tree_map(lambda p, g: p - self.inner_lr * g, model, grad)
             average = tree_map(lambda a, p: a + (p - a) / round_, average, model)
-            gap = probability_dbc(average, data["xs"], data["zs"]) - self.c
+            gap = probability_dbc(average, *constraint_inputs(data, self.constraint_set)) - self.c
             lam = torch.relu(lam + self.dual_lr * gap)
         return model
 

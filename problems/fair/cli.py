@@ -35,6 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--meta-lr", type=float, default=0.01)
     p.add_argument("--prox", type=float, default=1.0, help="primal prox strength (fair, iMAML)")
     p.add_argument("--mu", type=float, default=1.0, help="dual prox strength (fair)")
+    p.add_argument("--delta", type=float, default=0.1, help="smoothing width of |DBC| (fair, default 0.1)")
+    p.add_argument("--constraint-set", default="support", choices=("support", "task"),
+                   help="rows the constrained methods (fair, PDFM) evaluate their fairness constraint on "
+                        "while adapting: the labelled support rows (default), or the support rows and the "
+                        "query inputs (transductive: x and z only, the query labels stay unseen)")
     p.add_argument("--outer-fair-weight", type=float, default=1.0,
                    help="weight of the query constraint violation in the fair outer loss (default 1)")
     p.add_argument("--inner-steps", type=int, default=150,
@@ -76,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         for c in (args.c if method in ("fair", "pdfm") else [None]):
             cfg = Config(method=method, c=c if c is not None else 0.0, k_shot=args.k_shot, n_query=args.n_query,
                          meta_batch=args.meta_batch, steps=args.steps, meta_lr=args.meta_lr, prox=args.prox,
-                         mu=args.mu, outer_fair_weight=args.outer_fair_weight, inner_steps=args.inner_steps,
+                         mu=args.mu, delta=args.delta, constraint_set=args.constraint_set,
+                         outer_fair_weight=args.outer_fair_weight, inner_steps=args.inner_steps,
                          solver=args.solver, seed=args.seed)
             tag = method if c is None else f"{method}_c{c:g}"
             if tag in done:

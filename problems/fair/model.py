@@ -9,9 +9,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["init_params", "score", "bce", "covariance", "smooth_abs"]
+__all__ = ["CONSTRAINT_SETS", "init_params", "score", "bce", "covariance", "smooth_abs", "constraint_inputs"]
 
 Params = dict[str, Tensor]
+
+CONSTRAINT_SETS = ("support", "task")
 
 
 def init_params(dim: int, dtype: torch.dtype = torch.float64) -> Params:
@@ -38,3 +40,17 @@ def covariance(values: Tensor, z: Tensor) -> Tensor:
 def smooth_abs(u: Tensor, delta: float) -> Tensor:
     """``sqrt(u^2 + delta^2) - delta``: smooth, convex, within ``delta`` of ``|u|``, zero at zero."""
     return torch.sqrt(u * u + delta * delta) - delta
+
+
+def constraint_inputs(data: dict[str, Tensor], constraint_set: str) -> tuple[Tensor, Tensor]:
+    """The inputs ``(x, z)`` on which a task's fairness constraint is evaluated.
+
+    ``"support"``: the labelled support rows only. ``"task"``: the support rows and the
+    query rows' inputs (transductive: the constraint needs ``x`` and ``z``, never ``y``,
+    so every unlabelled input of the task can enter it; the query labels stay unseen).
+    """
+    if constraint_set == "support":
+        return data["xs"], data["zs"]
+    if constraint_set == "task":
+        return torch.cat([data["xs"], data["xq"]], -2), torch.cat([data["zs"], data["zq"]], -1)
+    raise ValueError(f"unknown constraint_set {constraint_set!r}; choose one of {CONSTRAINT_SETS}")

@@ -29,7 +29,7 @@ optionally, ``outer_fair_weight * max(0, D_query - c)``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ from bilevel.policy import any_vmapped
 from bilevel.pytree import tree_map, tree_norm
 from bilevel.solvers import MINRES
 
-from .model import Params, bce, covariance, score, smooth_abs
+from .model import CONSTRAINT_SETS, Params, bce, constraint_inputs, covariance, score, smooth_abs
 from .optim import accelerated_descent
 
 __all__ = ["FairMetaProblem", "Inner", "Outer"]
@@ -62,19 +62,25 @@ class FairMetaProblem(BilevelProblem):
         delta: smoothing width of ``|u|``.
         barrier: ``eps``, weight of the log barrier keeping ``lam > 0``.
         outer_fair_weight: weight of the query constraint violation in the outer loss.
+        constraint_set: ``"support"`` evaluates ``D`` on the support rows; ``"task"`` on the
+            support rows and the query inputs (transductive, labels unused; see
+            :func:`~bilevel.problems.fair.model.constraint_inputs`).
         inner_steps, inner_tol: iteration cap and tolerance on ``||G||`` of :meth:`solve_inner`.
     """
 
     residual_tol = 1e-4
 
     def __init__(self, c: float = 0.1, *, prox: float = 1.0, mu: float = 1.0, delta: float = 0.1,
-                 barrier: float = 1e-3, outer_fair_weight: float = 0.0, inner_steps: int = 300,
-                 inner_tol: float = 1e-6):
+                 barrier: float = 1e-3, outer_fair_weight: float = 0.0, constraint_set: str = "support",
+                 inner_steps: int = 300, inner_tol: float = 1e-6):
         for name, value in (("prox", prox), ("mu", mu), ("delta", delta), ("barrier", barrier)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0 for a unique, smooth saddle point; got {value}")
         if c < 0 or outer_fair_weight < 0:
             raise ValueError(f"c and outer_fair_weight must be >= 0, got {c} and {outer_fair_weight}")
+        if constraint_set not in CONSTRAINT_SETS:
+            raise ValueError(f"unknown constraint_set {constraint_set!r}; choose one of {CONSTRAINT_SETS}")
+        self.constraint_set = constraint_set
         self.c, self.prox, self.mu, self.delta, self.barrier = c, prox, mu, delta, barrier
         self.outer_fair_weight = outer_fair_weight
         self.inner_steps, self.inner_tol = inner_steps, inner_tol
@@ -85,11 +91,11 @@ class FairMetaProblem(BilevelProblem):
         return smooth_abs(covariance(score(model, x), z), self.delta) - self.c
 
     def lagrangian(self, inner: Inner, outer: Outer, data: dict[str, Tensor]) -> Tensor:
-        """``L(w, rho)`` on the support set (see the module docstring)."""
+        """``L(w, rho)``: the BCE on the support set, ``D`` on the constraint set (module docstring)."""
         model, rho = inner["model"], inner["rho"]
         lam = torch.exp(rho)
         return (bce(model, data["xs"], data["ys"])
-                + lam * self.violation(model, data["xs"], data["zs"])
+                + lam * self.violation(model, *constraint_inputs(data, self.constraint_set))
                 + 0.5 * self.prox * _sq_dist(model, outer["theta"])
                 - 0.5 * self.mu * (lam - outer["lambda0"]) ** 2
                 + self.barrier * rho)
@@ -101,7 +107,7 @@ class FairMetaProblem(BilevelProblem):
     def best_rho(self, model: Params, outer: Outer, data: dict[str, Tensor]) -> Tensor:
         """``argmax_rho L(w, rho)`` in closed form: the positive root of
         ``mu lam^2 - q lam - eps = 0``, ``q = mu lambda0 + h``, computed without cancellation."""
-        q = self.mu * outer["lambda0"] + self.violation(model, data["xs"], data["zs"])
+        q = self.mu * outer["lambda0"] + self.violation(model, *constraint_inputs(data, self.constraint_set))
         root = torch.sqrt(q * q + 4 * self.mu * self.barrier)
         lam = torch.where(q >= 0, (q + root) / (2 * self.mu), 2 * self.barrier / (root - q))
         return torch.log(lam)
@@ -120,10 +126,12 @@ class FairMetaProblem(BilevelProblem):
         converges linearly, and ``rho = rho*(w)`` makes the dual half of ``G`` vanish.
         Stops once ``||G|| <= inner_tol`` (checked every 10 steps, outside vmap).
         """
+        smoothness = self._smoothness(data)
+
         def grad_and_scales(model: Params):
             rho = self.best_rho(model, outer, data)
             g = torch.func.grad(self.lagrangian)({"model": model, "rho": rho}, outer, data)["model"]
-            return g, self._smoothness(torch.exp(rho), data)
+            return g, smoothness(torch.exp(rho))
 
         def converged(model: Params) -> bool:
             inner = {"model": model, "rho": self.best_rho(model, outer, data)}
@@ -141,15 +149,18 @@ class FairMetaProblem(BilevelProblem):
         return loss
 
     # ------------------------------------------------------------- helpers
-    def _smoothness(self, lam: Tensor, data: dict[str, Tensor]) -> Tensor:
-        """An upper bound on the curvature of ``P`` near the current multiplier ``lam``:
+    def _smoothness(self, data: dict[str, Tensor]) -> Callable[[Tensor], Tensor]:
+        """An upper bound on the curvature of ``P`` near a multiplier ``lam``, as a function of ``lam``:
         ``sigma_max([x, 1])^2 / (4 n) + prox + lam |a|^2 / delta + |a|^2 / mu``, with
-        ``a = mean_i (z_i - mean z) x_i`` the gradient of the covariance."""
-        x, z = data["xs"], data["zs"]
+        ``a = mean_i (z_i - mean z) x_i`` the gradient of the covariance on the constraint set.
+        The data terms are computed once per solve."""
+        x = data["xs"]
+        xc, zc = constraint_inputs(data, self.constraint_set)
         ones = torch.ones_like(x[..., :1])
         sigma = torch.linalg.matrix_norm(torch.cat([x, ones], -1), ord=2)
-        a2 = (((z - z.mean()).unsqueeze(-1) * x).mean(0) ** 2).sum()
-        return sigma ** 2 / (4 * x.shape[0]) + self.prox + lam * a2 / self.delta + a2 / self.mu
+        a2 = (((zc - zc.mean()).unsqueeze(-1) * xc).mean(0) ** 2).sum()
+        base = sigma ** 2 / (4 * x.shape[0]) + self.prox + a2 / self.mu
+        return lambda lam: base + lam * a2 / self.delta
 
     @staticmethod
     def default_solver() -> MINRES:

@@ -53,6 +53,7 @@ class Config:
     delta: float = 0.1
     barrier: float = 1e-3
     outer_fair_weight: float = 1.0
+    constraint_set: str = "support"
     inner_steps: int = 100
     solver: str = "minres"
     maml_lr: float = 0.1
@@ -84,7 +85,8 @@ class Method:
 def build_method(cfg: Config) -> Method:
     if cfg.method == "fair":
         problem = FairMetaProblem(cfg.c, prox=cfg.prox, mu=cfg.mu, delta=cfg.delta, barrier=cfg.barrier,
-                                  outer_fair_weight=cfg.outer_fair_weight, inner_steps=cfg.inner_steps)
+                                  outer_fair_weight=cfg.outer_fair_weight, constraint_set=cfg.constraint_set,
+                                  inner_steps=cfg.inner_steps)
         if cfg.solver not in SOLVERS:
             raise ValueError(f"unknown solver {cfg.solver!r}; choose one of {sorted(SOLVERS)}")
         return Method(problem, "implicit", SOLVERS[cfg.solver]())
@@ -94,7 +96,8 @@ def build_method(cfg: Config) -> Method:
         return Method(GradientStepProblem(cfg.maml_lr, cfg.maml_steps), "unrolled", None)
     if cfg.method == "pdfm":
         return Method(PDFMProblem(cfg.c, inner_lr=cfg.maml_lr, dual_lr=cfg.pdfm_dual_lr,
-                                  pd_updates=cfg.pdfm_updates), "first_order", None)
+                                  pd_updates=cfg.pdfm_updates, constraint_set=cfg.constraint_set),
+                      "first_order", None)
     raise ValueError(f"unknown method {cfg.method!r}; choose one of {METHODS}")
 
 
