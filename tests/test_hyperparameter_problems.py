@@ -19,6 +19,7 @@ from bilevel.problems.hyperparameter.outer import HOAG, WarmStart
 from bilevel.problems.hyperparameter.splits import Splits, split
 from bilevel.problems.hyperparameter.tabular import load_tabular
 from bilevel.solvers import CG, Direct
+from bilevel.testing import check_hypergradient
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +51,20 @@ def finite_difference(problem, outer, data, coords, eps):
     return torch.tensor(out, dtype=torch.float64)
 
 
-def test_l2_hypergradient_matches_finite_differences(german):
-    problem = PerFeatureL2(inner_tol=1e-11, method="newton")
+def test_l2_hypergradient_passes_bilevel_testing_check(german):
+    """bilevel.testing: finite differences through a Newton-polished inner solution, and the dense solve."""
     lam = torch.linspace(-4, 0, german.x_train.shape[1], dtype=torch.float64)
-    result = bilevel.hypergradient(problem, lam, german, solver=CG(rtol=1e-12), on_failure="raise")
-    coords = [0, 3, 17, 40, 60]
-    fd = finite_difference(problem, lam, german, coords, eps=1e-4)
-    assert torch.allclose(result.grad[coords], fd, rtol=1e-5, atol=1e-9)
-    assert float(result.grad.abs().max()) > 1e-4  # not trivially zero
+    report = check_hypergradient(PerFeatureL2(inner_tol=1e-9), lam, german,
+                                 references=("finite_differences", "direct"))
+    assert report.passed
+
+
+def test_cleaning_hypergradient_passes_bilevel_testing_check(small_mnist):
+    noisy, _ = corrupt_labels(small_mnist.y_train, 0.5, 10, seed=1)
+    theta = torch.linspace(-2, 2, 150, dtype=torch.float64)
+    report = check_hypergradient(HyperCleaning(reg=1e-2, inner_tol=1e-9), theta, small_mnist._replace(y_train=noisy),
+                                 references=("finite_differences", "direct"))
+    assert report.passed
 
 
 def test_multinomial_l2_hypergradient_matches_finite_differences(small_mnist):
