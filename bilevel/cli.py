@@ -18,16 +18,20 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser with the given subcommands registered (all of them by default)."""
     parser = argparse.ArgumentParser(prog="bilevel", description="Differentiable bilevel optimization.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in COMMANDS.values():
-        importlib.import_module(module).register(sub)
+    for name in COMMANDS if commands is None else commands:
+        importlib.import_module(COMMANDS[name]).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Import only the requested command's module; all of them for help or an unknown command.
+    requested = [argv[0]] if argv and argv[0] in COMMANDS else None
+    args = build_parser(requested).parse_args(argv)
     return int(args.func(args) or 0)
 
 

@@ -1,0 +1,35 @@
+"""The ``bilevel`` command dispatches to its subcommands and imports only the one asked for."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from bilevel import cli
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in cli.COMMANDS:
+        assert name in out
+
+
+def test_only_the_requested_command_module_is_imported(monkeypatch):
+    for module in cli.COMMANDS.values():
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    with pytest.raises(SystemExit):
+        cli.main(["check", "--help"])
+    assert cli.COMMANDS["check"] in sys.modules
+    others = [m for name, m in cli.COMMANDS.items() if name != "check"]
+    assert not any(m in sys.modules for m in others)
+
+
+def test_unknown_command_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["frobnicate"])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
