@@ -72,6 +72,7 @@ def hypergradient(
     mode: Mode = "implicit",
     init: PyTree | None = None,
     truncate: int | None = None,
+    adjoint_x0: Tensor | None = None,
     on_failure: OnFailure = "warn",
 ) -> HypergradientResult:
     """Hypergradient of ``problem`` at ``outer``.
@@ -87,6 +88,9 @@ def hypergradient(
         mode: ``"implicit"``, ``"unrolled"``, ``"truncated"`` or ``"first_order"``.
         init: inner starting point; default ``problem.initial_inner(outer, data)``.
         truncate: number of differentiated steps in ``"truncated"`` mode.
+        adjoint_x0: initial guess of the adjoint solve (``"implicit"`` mode), a flat
+            vector like ``result.solve.x``: warm-start with the previous outer step's
+            adjoint solution (as HOAG does; Pedregosa, ICML 2016).
         on_failure: what a non-converged adjoint solve or an inner residual above
             ``problem.residual_tol`` does: ``"warn"`` (default), ``"raise"``
             (:class:`~bilevel.ConvergenceError`) or ``"ignore"``. NaN or Inf always
@@ -107,12 +111,13 @@ def hypergradient(
                                f"({problem.inner_steps}), got {truncate!r}")
     elif truncate is not None:
         raise BilevelError(f"truncate= applies only to mode='truncated', not mode={mode!r}")
-    if solver is not None and mode != "implicit":
-        raise BilevelError(f"solver= applies only to mode='implicit', not mode={mode!r}")
+    if mode != "implicit" and (solver is not None or adjoint_x0 is not None):
+        option = "solver=" if solver is not None else "adjoint_x0="
+        raise BilevelError(f"{option} applies only to mode='implicit', not mode={mode!r}")
     check_devices_and_dtypes(outer=outer, data=data, init=init)
 
     if mode == "implicit":
-        result = _implicit(problem, outer, data, init, solver if solver is not None else CG())
+        result = _implicit(problem, outer, data, init, solver if solver is not None else CG(), adjoint_x0)
     elif mode == "first_order":
         result = _first_order(problem, outer, data, init)
     else:
@@ -169,7 +174,7 @@ def _solve_detached(problem: BilevelProblem, outer: PyTree, data: Any, init: PyT
 
 
 def _implicit(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | None,
-              solver: LinearSolver) -> HypergradientResult:
+              solver: LinearSolver, adjoint_x0: Tensor | None) -> HypergradientResult:
     inner = _solve_detached(problem, outer, data, init)
     residual, vjp_fn = torch.func.vjp(lambda i, o: problem.optimality(i, o, data), inner, outer)
     check_same_structure(inner, residual, f"{type(problem).__name__}.optimality's output", "the inner parameters")
@@ -180,7 +185,10 @@ def _implicit(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | 
     def adjoint_matvec(v: Tensor) -> Tensor:  # (d_phi G)^T v
         return ravel(vjp_fn(unravel(v))[0])[0]
 
-    solve = solver(adjoint_matvec, b)
+    if adjoint_x0 is not None and adjoint_x0.shape != b.shape:
+        raise BilevelError(f"adjoint_x0 has shape {tuple(adjoint_x0.shape)} but the adjoint system has "
+                           f"{tuple(b.shape)} unknowns; pass a previous result.solve.x")
+    solve = solver(adjoint_matvec, b, adjoint_x0)
     _, cross = vjp_fn(unravel(solve.x))
     grad = tree_map(lambda direct, indirect: direct - indirect, d_outer, cross)
     return HypergradientResult(grad, inner, loss.detach(), tree_norm(residual).detach(), solve)

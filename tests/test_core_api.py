@@ -322,6 +322,10 @@ def test_bad_mode_and_options():
         bilevel.hypergradient(Ridge(), lam, data, truncate=3)
     with pytest.raises(BilevelError, match="only to mode='implicit'"):
         bilevel.hypergradient(Ridge(), lam, data, mode="unrolled", solver=CG())
+    with pytest.raises(BilevelError, match="adjoint_x0= applies only"):
+        bilevel.hypergradient(Ridge(), lam, data, mode="first_order", adjoint_x0=torch.zeros(4, dtype=DT))
+    with pytest.raises(BilevelError, match="adjoint_x0 has shape"):
+        bilevel.hypergradient(ClosedFormRidge(), lam, data, adjoint_x0=torch.zeros(3, dtype=DT))
     with pytest.raises(BilevelError, match="on_failure"):
         bilevel.hypergradient(Ridge(), lam, data, on_failure="panic")
 
@@ -481,3 +485,12 @@ def test_inner_tol_none_runs_every_step():
     for _ in range(30):
         expected = problem.inner_update(expected, torch.zeros(4, dtype=DT), data)
     torch.testing.assert_close(problem.solve_inner(torch.zeros(4, dtype=DT), data, init), expected)
+
+
+def test_adjoint_warm_start_reuses_the_previous_solution():
+    data = make_data()
+    lam = torch.zeros(4, dtype=DT)
+    cold = bilevel.hypergradient(ClosedFormRidge(), lam, data, solver=CG(rtol=1e-10))
+    warm = bilevel.hypergradient(ClosedFormRidge(), lam, data, solver=CG(rtol=1e-10), adjoint_x0=cold.solve.x)
+    assert int(cold.solve.iterations) > 0 and int(warm.solve.iterations) == 0
+    torch.testing.assert_close(warm.grad, cold.grad)

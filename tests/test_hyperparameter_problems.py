@@ -15,7 +15,7 @@ from bilevel.problems.hyperparameter.cleaning import HyperCleaning, corrupt_labe
 from bilevel.problems.hyperparameter.l2 import PerFeatureL2
 from bilevel.problems.hyperparameter.linear import mean_loss, minimize
 from bilevel.problems.hyperparameter.mnist import load_mnist
-from bilevel.problems.hyperparameter.outer import HOAG, WarmStart
+from bilevel.problems.hyperparameter.outer import HOAG
 from bilevel.problems.hyperparameter.splits import Splits, split
 from bilevel.problems.hyperparameter.tabular import load_tabular
 from bilevel.solvers import CG, Direct
@@ -154,16 +154,6 @@ def test_hyper_cleaning_downweights_corrupted_examples(small_mnist):
         state, _ = hoag.step(state)
     assert state.loss < first
     assert separation(torch.sigmoid(state.outer), corrupted)["auc"] > 0.7
-
-
-def test_warm_start_passes_the_previous_solution():
-    A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
-    b = torch.tensor([1.0, 2.0], dtype=torch.float64)
-    warm = WarmStart(CG(rtol=1e-12))
-    first = warm(lambda v: A @ v, b)
-    again = warm(lambda v: A @ v, b)
-    assert int(first.iterations) == 2 and int(again.iterations) == 0
-    assert torch.allclose(again.x, torch.linalg.solve(A, b))
 
 
 def test_corrupt_labels_and_separation():

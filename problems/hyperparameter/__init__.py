@@ -12,9 +12,9 @@
 from .cleaning import HyperCleaning, corrupt_labels, separation
 from .l2 import PerFeatureL2
 from .mnist import MNIST, load_mnist
-from .outer import HOAG, HOAGState, StepInfo, WarmStart
+from .outer import HOAG, HOAGState, StepInfo
 from .splits import Splits, mnist_splits, split
 from .tabular import Tabular, load_tabular
 
 __all__ = ["HOAG", "HOAGState", "HyperCleaning", "MNIST", "PerFeatureL2", "Splits", "StepInfo", "Tabular",
-           "WarmStart", "corrupt_labels", "load_mnist", "load_tabular", "mnist_splits", "separation", "split"]
+           "corrupt_labels", "load_mnist", "load_tabular", "mnist_splits", "separation", "split"]

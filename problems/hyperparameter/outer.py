@@ -20,29 +20,9 @@ from torch import Tensor
 
 from bilevel import BilevelProblem, HypergradientResult, hypergradient
 from bilevel.pytree import PyTree
-from bilevel.solvers import CG, LinearSolver, SolveResult
+from bilevel.solvers import CG, LinearSolver
 
-__all__ = ["WarmStart", "HOAGState", "StepInfo", "HOAG"]
-
-
-class WarmStart:
-    """A linear solver that starts each solve from the previous solution.
-
-    ``bilevel.hypergradient`` calls ``solver(matvec, b)`` without ``x0``; this
-    wrapper passes the stored ``x0`` (when its shape matches ``b``) and keeps the
-    new solution for the next call.
-    """
-
-    def __init__(self, solver: LinearSolver, x0: Tensor | None = None):
-        self.solver = solver
-        self.x0 = x0
-
-    def __call__(self, matvec: Any, b: Tensor, x0: Tensor | None = None) -> SolveResult:
-        if x0 is None and self.x0 is not None and self.x0.shape == b.shape:
-            x0 = self.x0.to(dtype=b.dtype, device=b.device)
-        result = self.solver(matvec, b, x0)
-        self.x0 = result.x.detach()
-        return result
+__all__ = ["HOAGState", "StepInfo", "HOAG"]
 
 
 @dataclasses.dataclass
@@ -120,10 +100,9 @@ class HOAG:
         base = self.solver
         if dataclasses.is_dataclass(base) and {"rtol", "atol"} <= {f.name for f in dataclasses.fields(base)}:
             base = dataclasses.replace(base, rtol=0.0, atol=tol)
-        warm = WarmStart(base, adjoint)
-        result = hypergradient(self.problem, outer, self.data, solver=warm, init=init,
-                               on_failure=self.on_failure)
-        return result, warm.x0
+        result = hypergradient(self.problem, outer, self.data, solver=base, init=init,
+                               adjoint_x0=adjoint, on_failure=self.on_failure)
+        return result, result.solve.x.detach()
 
     def start(self, outer: Tensor) -> HOAGState:
         """State at the initial ``outer`` (one hypergradient evaluation)."""
