@@ -70,3 +70,17 @@ def test_cli_writes_results_and_the_tradeoff_plot(tmp_path, shared_data):
     assert main(["fair", "--dataset", "lsac", "--data-dir", str(shared_data), "--steps", "2", "--c", "0.05",
                  "--meta-batch", "2", "--episodes", "2", "--no-progress", "--out", str(out), "--resume"]) == 0
     assert len((out / "results.jsonl").read_text().splitlines()) == 4
+
+
+def test_constraint_set_reaches_both_constrained_methods_and_the_cli(tmp_path, shared_data):
+    from bilevel.problems.fair.train import build_method
+    for method in ("fair", "pdfm"):
+        assert build_method(Config(method=method, constraint_set="task")).problem.constraint_set == "task"
+    with pytest.raises(ValueError, match="unknown constraint_set"):
+        build_method(Config(method="pdfm", constraint_set="labels"))
+    out = tmp_path / "run"
+    assert main(["fair", "--dataset", "communities", "--data-dir", str(shared_data), "--methods", "fair",
+                 "--constraint-set", "task", "--steps", "1", "--meta-batch", "2", "--c", "0.0", "--episodes", "2",
+                 "--inner-steps", "20", "--no-progress", "--out", str(out)]) == 0
+    config = torch.load(out / "fair_c0.pt", weights_only=False)["config"]
+    assert config["constraint_set"] == "task"
