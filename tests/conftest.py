@@ -24,6 +24,16 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_global_torch_state():
+    """A test (or the code it runs) must leave torch's global defaults as it found them."""
+    dtype = torch.get_default_dtype()
+    yield
+    leaked = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    assert leaked == dtype, f"the default dtype was left at {leaked}; restore it"
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """Directory of the real data sets (``../shared/data`` beside the checkout).

@@ -199,7 +199,14 @@ def test_implicit_root_function_is_checked():
     assert report.comparison("unrolled").skipped
     assert report.solve is not None and bool(report.solve.converged.all())
 
-    without = check_hypergradient(ridge, RIDGE.outer, (X, y), outer_loss=validation_loss)
+    # The decorated function carries its optimality condition: no need to pass it again.
+    implied = check_hypergradient(ridge, RIDGE.outer, (X, y), outer_loss=validation_loss)
+    assert implied.comparison("direct").rel_error <= 1e-8 and implied.inner_residual < 1e-8
+
+    def wrapped(lam, X, y):  # hides the condition: the direct reference cannot run
+        return ridge(lam, X, y)
+
+    without = check_hypergradient(wrapped, RIDGE.outer, (X, y), outer_loss=validation_loss)
     assert without.comparison("direct").skipped and math.isnan(without.inner_residual)
     assert without.comparison("finite_differences").rel_error <= 1e-6
 

@@ -57,13 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from .data import load_tasks, split_tasks
     from .plot import tradeoff_plot
     from .train import Config, evaluate, train
 
-    torch.set_default_dtype(torch.float64)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = load_tasks(args.dataset, args.data_dir, min_rows=args.k_shot + args.n_query)
