@@ -17,50 +17,34 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bilevel import BilevelProblem
-
-from .linear import example_losses, init_weights, mean_loss, minimize
+from .classifier import ValidatedClassifier
+from .linear import example_losses
 from .splits import Splits
 
 __all__ = ["HyperCleaning", "corrupt_labels", "separation"]
 
 
-class HyperCleaning(BilevelProblem):
+class HyperCleaning(ValidatedClassifier):
     """``outer``: logits ``theta`` of the example weights, shape ``(n_train,)``; ``inner``: weights
     ``(d + 1, c)``; ``data``: :class:`~bilevel.problems.hyperparameter.splits.Splits` whose
     training labels are the corrupted ones.
 
     Args:
         reg: L2 strength of the inner problem (keeps it strongly convex).
-        inner_tol: gradient-norm tolerance of the inner solve (and the residual tolerance).
-        max_inner_iter: iteration cap of the inner solver.
-        method: inner solver, ``"lbfgs"`` or ``"newton"`` (to round-off; for small models).
+        inner_tol, max_inner_iter, method: as
+            :class:`~bilevel.problems.hyperparameter.classifier.ValidatedClassifier`.
     """
 
     def __init__(self, *, reg: float = 1e-3, inner_tol: float = 1e-6, max_inner_iter: int = 2000,
                  method: str = "lbfgs"):
         if not reg > 0:
             raise ValueError(f"reg must be > 0 so that the inner problem is strongly convex, got {reg}")
+        super().__init__(inner_tol=inner_tol, max_inner_iter=max_inner_iter, method=method)
         self.reg = reg
-        self.inner_tol = inner_tol
-        self.residual_tol = inner_tol
-        self.max_inner_iter = max_inner_iter
-        self.method = method
 
     def inner_objective(self, inner: Tensor, outer: Tensor, data: Splits) -> Tensor:
         weighted = (torch.sigmoid(outer) * example_losses(inner, data.x_train, data.y_train)).mean()
         return weighted + 0.5 * self.reg * inner[:-1].square().sum()
-
-    def outer_objective(self, inner: Tensor, outer: Tensor, data: Splits) -> Tensor:
-        return mean_loss(inner, data.x_val, data.y_val)
-
-    def initial_inner(self, outer: Tensor, data: Splits) -> Tensor:
-        return init_weights(data.x_train.shape[1], data.n_classes, data.x_train.dtype)
-
-    def solve_inner(self, outer: Tensor, data: Splits, init: Tensor) -> Tensor:
-        weights, _, _ = minimize(lambda w: self.inner_objective(w, outer, data), init,
-                                 tol=self.inner_tol, max_iter=self.max_inner_iter, method=self.method)
-        return weights
 
 
 def corrupt_labels(labels: Tensor, fraction: float, n_classes: int, *, seed: int = 0) -> tuple[Tensor, Tensor]:
