@@ -18,7 +18,7 @@ from bilevel.errors import BilevelError
 PyTree = Any
 
 __all__ = ["PyTree", "module_params", "ravel", "tree_leaves", "tree_map", "check_same_structure",
-           "check_devices_and_dtypes", "tree_add_scaled", "tree_norm"]
+           "check_devices_and_dtypes", "tree_norm"]
 
 
 def tree_leaves(tree: PyTree) -> list[Tensor]:
@@ -109,11 +109,6 @@ def check_devices_and_dtypes(**trees: PyTree) -> None:
                 raise BilevelError(
                     f"{name} has a {leaf.dtype} tensor but {seen[0]} is {seen[2]}; "
                     f"cast everything to one floating dtype (e.g. .to({seen[2]}))")
-
-
-def tree_add_scaled(tree: PyTree, other: PyTree, scale: float) -> PyTree:
-    """``tree + scale * other`` leaf by leaf."""
-    return pytree.tree_map(lambda a, b: a + scale * b, tree, other)
 
 
 def tree_norm(tree: PyTree) -> Tensor:
