@@ -272,4 +272,4 @@ def _finite_differences(prob: BilevelProblem, outer: PyTree, data: Any, phi_ref:
             return float(prob.outer_objective(phi, o, data))
 
     values = [(loss_at(theta + h * v) - loss_at(theta - h * v)) / (2 * h) for v in probes]
-    return torch.tensor(values, dtype=theta.dtype), probes, f"{detail}, step {h:.1e}"
+    return torch.tensor(values, dtype=theta.dtype, device=theta.device), probes, f"{detail}, step {h:.1e}"

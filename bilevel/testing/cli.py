@@ -159,7 +159,7 @@ def point_source(obj: Any, seed: int, spread: float) -> Callable[[int], tuple[An
         if i == 0:
             return problem, outer, data
         g = torch.Generator().manual_seed(seed * 7919 + i)
-        noise = lambda t: t + spread * torch.randn(t.shape, generator=g, dtype=t.dtype)  # noqa: E731
+        noise = lambda t: t + spread * torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)  # noqa: E731
         return problem, tree_map(noise, outer), data
 
     return at

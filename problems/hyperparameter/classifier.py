@@ -33,7 +33,7 @@ class ValidatedClassifier(BilevelProblem):
         return mean_loss(inner, data.x_val, data.y_val)
 
     def initial_inner(self, outer: Tensor, data: Splits) -> Tensor:
-        return init_weights(data.x_train.shape[1], data.n_classes, data.x_train.dtype)
+        return init_weights(data.x_train.shape[1], data.n_classes, data.x_train.dtype, data.x_train.device)
 
     def solve_inner(self, outer: Tensor, data: Splits, init: Tensor) -> Tensor:
         weights, _, _ = minimize(lambda w: self.inner_objective(w, outer, data), init,

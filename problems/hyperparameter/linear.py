@@ -17,11 +17,12 @@ __all__ = ["init_weights", "logits", "example_losses", "mean_loss", "accuracy", 
            "minimize_newton", "minimize"]
 
 
-def init_weights(n_features: int, n_classes: int, dtype: torch.dtype = torch.float64) -> Tensor:
+def init_weights(n_features: int, n_classes: int, dtype: torch.dtype = torch.float64,
+                 device: torch.device | str | None = None) -> Tensor:
     """Zero weights of shape ``(n_features + 1, 1 if n_classes == 2 else n_classes)``."""
     if n_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got {n_classes}")
-    return torch.zeros(n_features + 1, 1 if n_classes == 2 else n_classes, dtype=dtype)
+    return torch.zeros(n_features + 1, 1 if n_classes == 2 else n_classes, dtype=dtype, device=device)
 
 
 def logits(weights: Tensor, x: Tensor) -> Tensor:

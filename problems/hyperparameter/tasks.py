@@ -56,7 +56,8 @@ def l2_task(settings: dict[str, Any]) -> Task:
     """Per-feature L2 on ``settings["dataset"]``, starting from ``exp(lambda_j) = init_penalty``."""
     data = _splits(settings)
     problem = PerFeatureL2(max_inner_iter=settings["max_inner_iter"])
-    outer0 = torch.full((data.x_train.shape[1],), math.log(settings["init_penalty"]), dtype=data.x_train.dtype)
+    outer0 = torch.full((data.x_train.shape[1],), math.log(settings["init_penalty"]), dtype=data.x_train.dtype,
+                        device=data.x_train.device)
     return Task("l2", problem, data, outer0, lambda outer, inner: _test_metrics(data, inner), torch.exp)
 
 
@@ -66,7 +67,7 @@ def cleaning_task(settings: dict[str, Any]) -> Task:
     noisy, corrupted = corrupt_labels(clean.y_train, settings["corruption"], clean.n_classes, seed=settings["seed"])
     data = clean._replace(y_train=noisy)
     problem = HyperCleaning(reg=settings["reg"], max_inner_iter=settings["max_inner_iter"])
-    outer0 = torch.zeros(data.x_train.shape[0], dtype=data.x_train.dtype)
+    outer0 = torch.zeros(data.x_train.shape[0], dtype=data.x_train.dtype, device=data.x_train.device)
 
     def metrics(outer: Tensor, inner: Tensor) -> dict[str, float]:
         return {**_test_metrics(data, inner), **separation(torch.sigmoid(outer), corrupted)}
