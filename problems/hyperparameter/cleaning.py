@@ -59,7 +59,7 @@ def corrupt_labels(labels: Tensor, fraction: float, n_classes: int, *, seed: int
     n = labels.shape[0]
     chosen = torch.randperm(n, generator=generator)[: round(fraction * n)]
     noisy = labels.clone()
-    noisy[chosen] = torch.randint(n_classes, (chosen.numel(),), generator=generator)
+    noisy[chosen.to(labels.device)] = torch.randint(n_classes, (chosen.numel(),), generator=generator).to(labels.device)
     return noisy, noisy != labels
 
 

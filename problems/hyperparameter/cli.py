@@ -45,6 +45,7 @@ def _common(parser: argparse.ArgumentParser, *, n_train: int | None, n_val: int 
     run.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     run.add_argument("--checkpoint-every", type=int, default=10, help="outer steps between checkpoints")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    run.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     run.add_argument("--no-plot", dest="plot", action="store_false", help="skip plot.png")
 

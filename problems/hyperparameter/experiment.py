@@ -25,7 +25,7 @@ from .tasks import Task
 __all__ = ["run_experiment", "RUN_KEYS"]
 
 RUN_KEYS = frozenset({"out", "resume", "steps", "max_time", "checkpoint_every", "progress", "threads", "plot",
-                      "data_dir", "download"})
+                      "data_dir", "download", "device"})
 """Settings that may change between a run and its resumption (all others must match)."""
 
 
@@ -50,10 +50,11 @@ def _save(path: Path, state: HOAGState, elapsed: float, config: dict[str, Any]) 
                                                 "config": config}, tmp))
 
 
-def _resume(ckpt_path: Path, metrics_path: Path, config: dict[str, Any]) -> tuple[HOAGState, float, list[dict]]:
+def _resume(ckpt_path: Path, metrics_path: Path, config: dict[str, Any],
+            device: torch.device) -> tuple[HOAGState, float, list[dict]]:
     if not ckpt_path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; run once without --resume first")
-    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt = torch.load(ckpt_path, weights_only=True, map_location=device)
     if ckpt["config"] != config:
         changed = sorted(k for k in set(config) | set(ckpt["config"]) if config.get(k) != ckpt["config"].get(k))
         raise ValueError(f"--resume: settings {changed} differ from the checkpointed run in {ckpt_path.parent}; "
@@ -77,9 +78,9 @@ def run_experiment(settings: dict[str, Any], build: Callable[[dict[str, Any]], T
     task = build(settings)
     hoag = HOAG(task.problem, task.data, solver=CG(maxiter=settings["cg_maxiter"]), tol0=settings["tol0"],
                 tol_decay=settings["tol_decay"], tol_min=settings["tol_min"], first_move=settings["first_move"],
-                grow=settings["grow"],                 on_failure=settings["on_failure"])
+                grow=settings["grow"], on_failure=settings["on_failure"])
     if settings["resume"]:
-        state, elapsed, records = _resume(ckpt_path, metrics_path, config)
+        state, elapsed, records = _resume(ckpt_path, metrics_path, config, task.data.x_train.device)
     else:
         began = time.perf_counter()
         state = hoag.start(task.outer0)

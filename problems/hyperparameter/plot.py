@@ -30,6 +30,7 @@ def plot_run(path: Path, records: list[dict[str, Any]], weights: Tensor, corrupt
     left.set_title(title)
     weights = weights.detach().double().cpu()
     if corrupted is not None:
+        corrupted = corrupted.cpu()
         bins = torch.linspace(0, 1, 41).tolist()
         right.hist(weights[~corrupted].tolist(), bins=bins, alpha=0.6, label="clean labels")
         right.hist(weights[corrupted].tolist(), bins=bins, alpha=0.6, label="corrupted labels")

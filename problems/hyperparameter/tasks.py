@@ -37,6 +37,12 @@ class Task:
 
 
 def _splits(settings: dict[str, Any]) -> Splits:
+    """The data splits, on ``settings["device"]`` (default: cuda when available, else cpu)."""
+    device = settings.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return Splits(*(part.to(device) for part in _cpu_splits(settings)))
+
+
+def _cpu_splits(settings: dict[str, Any]) -> Splits:
     dtype = DTYPES[settings["dtype"]]
     sizes = {"n_train": settings["n_train"], "n_val": settings["n_val"], "n_test": settings["n_test"]}
     if settings.get("dataset", "mnist") == "mnist":
