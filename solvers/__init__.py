@@ -27,7 +27,11 @@ from .minres import MINRES
 from .neumann import Neumann
 from .preconditioners import hutchinson_diagonal, jacobi
 
+SOLVERS: dict[str, type] = {"cg": CG, "minres": MINRES, "gmres": GMRES, "bicgstab": BiCGSTAB,
+                            "neumann": Neumann, "direct": Direct}
+"""The solver classes by the lower-case names that command-line options use."""
+
 __all__ = [
-    "BiCGSTAB", "CG", "Direct", "GMRES", "LinearSolver", "MINRES", "MatVec", "Neumann",
+    "SOLVERS", "BiCGSTAB", "CG", "Direct", "GMRES", "LinearSolver", "MINRES", "MatVec", "Neumann",
     "Preconditioner", "SolveResult", "Status", "hutchinson_diagonal", "is_vmapped", "jacobi",
 ]

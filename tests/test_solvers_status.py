@@ -226,3 +226,19 @@ def test_is_vmapped():
 def test_status_codes_describe_themselves():
     for status in Status:
         assert status.describe()
+
+
+def test_solvers_by_name_cover_every_solver_and_solve_an_spd_system():
+    from bilevel.solvers import SOLVERS
+
+    assert set(SOLVERS.values()) == {CG, MINRES, GMRES, BiCGSTAB, Neumann, Direct}
+    A = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    b = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    for name, cls in SOLVERS.items():
+        options = {} if cls is Direct else {"rtol": 1e-10, "maxiter": 500}
+        if cls is Neumann:
+            options["alpha"] = 0.5  # spectral radius of I - A/2 below 1
+        solver = cls(**options)
+        assert isinstance(solver, LinearSolver), name
+        result = solver(lambda v: v @ A.T, b)
+        torch.testing.assert_close(result.x, torch.linalg.solve(A, b), rtol=1e-7, atol=1e-8)

@@ -31,9 +31,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["SOLVERS", "load_target", "main", "register", "run"]
+from bilevel.solvers import SOLVERS
 
-SOLVERS = ("cg", "minres", "gmres", "bicgstab", "neumann", "direct")
+__all__ = ["load_target", "main", "register", "run"]
 
 
 class TargetError(Exception):
@@ -166,13 +166,9 @@ def point_source(obj: Any, seed: int, spread: float) -> Callable[[int], tuple[An
 
 
 def _solver(name: str, rtol: float) -> Any:
-    from bilevel import solvers
-
-    classes = {"cg": "CG", "minres": "MINRES", "gmres": "GMRES", "bicgstab": "BiCGSTAB", "neumann": "Neumann",
-               "direct": "Direct"}
-    if name not in classes:
+    if name not in SOLVERS:
         raise TargetError(f"unknown solver {name!r}; choose from {', '.join(SOLVERS)}")
-    cls = getattr(solvers, classes[name])
+    cls = SOLVERS[name]
     return cls() if name == "direct" else cls(rtol=rtol)
 
 

@@ -37,7 +37,6 @@ from torch import Tensor
 from bilevel import BilevelProblem
 from bilevel.policy import any_vmapped
 from bilevel.pytree import tree_map, tree_norm
-from bilevel.solvers import MINRES
 
 from .model import CONSTRAINT_SETS, Params, bce, constraint_inputs, covariance, score, smooth_abs
 from .optim import accelerated_descent
@@ -161,8 +160,3 @@ class FairMetaProblem(BilevelProblem):
         a2 = (((zc - zc.mean()).unsqueeze(-1) * xc).mean(0) ** 2).sum()
         base = sigma ** 2 / (4 * x.shape[0]) + self.prox + a2 / self.mu
         return lambda lam: base + lam * a2 / self.delta
-
-    @staticmethod
-    def default_solver() -> MINRES:
-        """MINRES for the symmetric indefinite adjoint system."""
-        return MINRES(rtol=1e-8, maxiter=50)

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
+from bilevel.solvers import SOLVERS
 from typing import Any
 
 __all__ = ["Config", "DATASETS", "MODES", "SOLVERS", "RESUMABLE"]
 
 DATASETS = ("sinusoid", "omniglot")
 MODES = ("implicit", "unrolled", "first_order")
-SOLVERS = {"cg": "CG", "minres": "MINRES", "gmres": "GMRES", "bicgstab": "BiCGSTAB", "neumann": "Neumann",
-           "direct": "Direct"}
 # Settings that may change when a run is resumed; everything else must match the checkpoint.
 RESUMABLE = ("steps", "device", "data_dir", "cache_dir", "out_dir", "progress")
 

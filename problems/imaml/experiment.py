@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 
 from bilevel.problems.imaml import models
-from bilevel.problems.imaml.config import SOLVERS, Config
+from bilevel.problems.imaml.config import Config
 from bilevel.problems.imaml.problem import IMAMLProblem, cross_entropy, mse
 from bilevel.problems.imaml.sinusoid import SinusoidTasks
 from bilevel.problems.imaml.tasks import OmniglotTasks
+from bilevel.solvers import SOLVERS
 
 __all__ = ["Experiment", "build", "make_solver"]
 
@@ -34,14 +35,7 @@ class Experiment:
 def make_solver(name: str, maxiter: int, damping: float) -> Any:
     """The adjoint solver ``name`` from :mod:`bilevel.solvers`, capped at ``maxiter`` iterations,
     with ``damping`` added to the operator's diagonal (the solvers' ``ridge``)."""
-    import bilevel.solvers
-
-    cls_name = SOLVERS[name]
-    cls = getattr(bilevel.solvers, cls_name, None)
-    if cls is None:
-        available = sorted(k for k, v in SOLVERS.items() if hasattr(bilevel.solvers, v))
-        raise ValueError(f"solver {name!r} ({cls_name}) is not available in this version of bilevel.solvers; "
-                         f"choose one of {available}")
+    cls = SOLVERS[name]
     kwargs: dict[str, Any] = {"ridge": damping} if damping else {}
     if "maxiter" in {f.name for f in dataclasses.fields(cls)}:
         kwargs["maxiter"] = maxiter
