@@ -2,9 +2,10 @@
 
 ``ImamlProblem`` is the proximal inner problem of :mod:`_tasks` as a
 :class:`bilevel.BilevelProblem`; :func:`make` returns the meta-gradient in one of
-three forms: ``"implicit"`` (``torch.func.vmap`` over tasks, CG with exactly
-``cg_steps`` iterations from zero), ``"implicit-loop"`` (the same, one task at a
-time) and ``"unrolled"`` (vmapped reverse mode through the ``K`` steps).
+four forms: ``"implicit"`` (``torch.func.vmap`` over tasks, CG with exactly
+``cg_steps`` iterations from zero), ``"implicit-graph"`` (the same, replayed as
+one CUDA graph by :class:`bilevel.CUDAGraphed`), ``"implicit-loop"`` (one task
+at a time) and ``"unrolled"`` (vmapped reverse mode through the ``K`` steps).
 """
 
 from __future__ import annotations
@@ -59,8 +60,10 @@ def make(mode: str, problem: str, theta: tuple[Tensor, ...], data: tuple[Tensor,
             return bilevel.hypergradient(prob, outer, task, mode="unrolled")
         return bilevel.hypergradient(prob, outer, task, solver=solver, on_failure="ignore")
 
-    if mode in ("implicit", "unrolled"):
+    if mode in ("implicit", "unrolled", "implicit-graph"):
         batched = torch.func.vmap(one_task, in_dims=(None, 0))
+        if mode == "implicit-graph":
+            batched = bilevel.CUDAGraphed(batched)
 
         def call():
             result = bilevel.check_result(batched(theta, data), on_failure="ignore", residual_tol=None)
@@ -81,7 +84,7 @@ def make(mode: str, problem: str, theta: tuple[Tensor, ...], data: tuple[Tensor,
             return tuple(g / tasks for g in total)
 
         return call
-    raise ValueError(f"unknown mode {mode!r} for ours: implicit, implicit-loop or unrolled")
+    raise ValueError(f"unknown mode {mode!r} for ours: implicit, implicit-graph, implicit-loop or unrolled")
 
 
 def cost_floor(problem: str, theta, data, steps: int, cg_steps: int):

@@ -9,8 +9,10 @@ Implementations (each run in a fresh subprocess, one warm-up call, then the medi
 over at least 3 calls and ``--min-time`` seconds):
 
 * ``ours-implicit``: ``bilevel.hypergradient`` with ``CG(maxiter=cg, rtol=0)``, the
-  meta-batch vectorized with ``torch.func.vmap``; ``ours-implicit-loop``: the same,
-  a Python loop over tasks; ``ours-unrolled``: ``mode="unrolled"``, vmapped;
+  meta-batch vectorized with ``torch.func.vmap``; ``ours-implicit-graph``: the same
+  replayed as one CUDA graph (``bilevel.CUDAGraphed``; CUDA only);
+  ``ours-implicit-loop``: a Python loop over tasks; ``ours-unrolled``:
+  ``mode="unrolled"``, vmapped;
 * ``torch-implicit`` / ``torch-unrolled``: hand-written autograd loops over tasks;
 * ``torchopt-implicit``, ``higher-unrolled``, ``jaxopt-implicit`` (jit): the peers,
   when installed (the ``bench`` extra);
@@ -50,6 +52,7 @@ RESULTS = HERE.parent / "results"
 
 IMPLS = {  # name -> (kind, module the implementation needs)
     "ours-implicit": ("implicit", "bilevel"),
+    "ours-implicit-graph": ("implicit", "bilevel"),
     "ours-implicit-loop": ("implicit", "bilevel"),
     "ours-unrolled": ("unrolled", "bilevel"),
     "torch-implicit": ("implicit", "torch"),
@@ -301,21 +304,20 @@ def table(rows: list[dict]) -> str:
 
 
 def summary(rows: list[dict]) -> list[str]:
-    """The issue's ratios: ours vs torchopt, vs the cost floor, vmap vs loop."""
+    """The issue's ratios: ours (eager and CUDA-graphed) vs torchopt, jaxopt, the cost floor; loop vs vmap."""
     by = {(r["problem"], r["tasks"], r["steps"], r["impl"]): r for r in rows if "error" not in r}
     out = []
     for (problem, tasks, steps, impl), r in sorted(by.items()):
-        if impl != "ours-implicit":
+        if impl not in ("ours-implicit", "ours-implicit-graph"):
             continue
-        parts = [f"{problem} tasks={tasks} K={steps}:"]
-        for other, label in (("torchopt-implicit", "ours/torchopt"), ("floor", "ours/floor"),
-                             ("jaxopt-implicit", "ours/jaxopt")):
+        parts = [f"{problem} tasks={tasks} K={steps} {impl}:"]
+        for other in ("torchopt-implicit", "jaxopt-implicit", "floor"):
             o = by.get((problem, tasks, steps, other))
             if o:
-                parts.append(f"{label} = {r['time_s'] / o['time_s']:.2f}")
+                parts.append(f"{r['time_s'] / o['time_s']:.2f}x {other.split('-')[0]},")
         loop = by.get((problem, tasks, steps, "ours-implicit-loop"))
         if loop:
-            parts.append(f"loop/vmap = {loop['time_s'] / r['time_s']:.2f}")
+            parts.append(f"loop over tasks {loop['time_s'] / r['time_s']:.2f}x slower")
         out.append(" ".join(parts))
     return out
 
@@ -363,10 +365,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.quick:
         args.problems, args.steps, args.tasks = ["sinusoid"], [5], [4]
         args.min_time, args.impls = 0.3, [i for i in args.impls if i in QUICK_IMPLS]
-    available = [i for i in args.impls if find_spec(IMPLS[i][1]) is not None]
+    available = [i for i in args.impls if find_spec(IMPLS[i][1]) is not None
+                 and (device.startswith("cuda") or not i.endswith("-graph"))]
     skipped = sorted(set(args.impls) - set(available))
     if skipped:
-        print(f"not installed, skipped: {', '.join(skipped)} (pip install -e '.[bench]')", file=sys.stderr)
+        print(f"skipped (not installed, or CUDA only): {', '.join(skipped)}", file=sys.stderr)
 
     meta = {"device": device, "hardware": _hardware(device, args.threads), "versions": _versions(),
             "threads": args.threads, "cg": args.cg, "seed": args.seed}

@@ -6,6 +6,7 @@ inner problem, by the implicit function theorem with pluggable linear solvers
 differentiation as baselines.
 """
 
+from bilevel.cuda_graph import CUDAGraphed
 from bilevel.errors import BilevelError, ConvergenceError, ConvergenceWarning, NonFiniteError
 from bilevel.hypergradient import MODES, HypergradientResult, check_result, hypergradient
 from bilevel.implicit import implicit_root
@@ -16,6 +17,7 @@ __all__ = [
     "MODES",
     "BilevelError",
     "BilevelProblem",
+    "CUDAGraphed",
     "ConvergenceError",
     "ConvergenceWarning",
     "HypergradientResult",

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from bilevel.errors import BilevelError
-from bilevel.policy import (OnFailure, any_vmapped, check_inner_residual, check_solve, require_finite,
+from bilevel.policy import (OnFailure, check_inner_residual, check_solve, host_checks_deferred, require_finite,
                             validate_on_failure)
 from bilevel.problem import BilevelProblem, scalar_objective
 from bilevel.pytree import PyTree, check_devices_and_dtypes, check_same_structure, ravel, tree_map, tree_norm
@@ -123,7 +123,7 @@ def hypergradient(
     else:
         result = _unrolled(problem, outer, data, init, truncate if mode == "truncated" else None)
 
-    if not any_vmapped(outer, data, result.outer_loss):
+    if not host_checks_deferred(outer, data, result.outer_loss):
         check_result(result, on_failure=on_failure, residual_tol=problem.residual_tol)
     return result
 

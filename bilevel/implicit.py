@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from bilevel.errors import BilevelError
-from bilevel.policy import (OnFailure, any_vmapped, check_inner_residual, check_solve, require_finite,
+from bilevel.policy import (OnFailure, check_inner_residual, check_solve, host_checks_deferred, require_finite,
                             validate_on_failure)
 from bilevel.pytree import PyTree, check_same_structure, ravel, tree_norm
 from bilevel.solvers import CG, LinearSolver
@@ -93,7 +93,7 @@ class _ImplicitRoot(torch.autograd.Function):
 
         solve = spec.solver(adjoint_matvec, b)
         cross = vjp_fn(unravel(solve.x))[1:]
-        if not any_vmapped(b, residual, *phi_leaves):
+        if not host_checks_deferred(b, residual, *phi_leaves):
             check_solve(solve, spec.on_failure)
             check_inner_residual(tree_norm(residual), spec.residual_tol, spec.on_failure)
             require_finite(cross, "the implicit gradient of the decorated function's arguments",
@@ -154,7 +154,7 @@ def implicit_root(
                                    f"got {type(phi).__name__}")
             arg_leaves, args_spec = pytree.tree_flatten(args)
             slots = tuple(i for i, a in enumerate(arg_leaves) if isinstance(a, Tensor))
-            if not any_vmapped(args):  # host-side check; impossible under vmap
+            if not host_checks_deferred(args):  # host-side check; impossible under vmap or capture
                 require_finite(phi, f"the output of {solve.__name__}",
                                "the inner solver diverged or was given bad input")
             spec = _Spec(

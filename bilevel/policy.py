@@ -1,8 +1,8 @@
 """What happens when a solve fails: warn (default), raise, or ignore.
 
 Host-side checks (they read tensor values), so they run only outside
-``torch.func.vmap``; under vmap the diagnostics travel with the result and
-:func:`bilevel.check_result` applies the policy afterwards.
+``torch.func.vmap`` and CUDA-graph capture; there the diagnostics travel with
+the result and :func:`bilevel.check_result` applies the policy afterwards.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from bilevel.errors import BilevelError, ConvergenceError, ConvergenceWarning, NonFiniteError
 from bilevel.pytree import PyTree, tree_leaves
-from bilevel.solvers import SolveResult, is_vmapped
+from bilevel.solvers import SolveResult, is_capturing, is_vmapped
 
 OnFailure = Literal["warn", "raise", "ignore"]
 ON_FAILURE = ("warn", "raise", "ignore")
@@ -28,9 +28,11 @@ def validate_on_failure(on_failure: str) -> None:
         raise BilevelError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
 
 
-def any_vmapped(*trees: PyTree) -> bool:
-    """True when any tensor leaf is batched by ``torch.func.vmap`` (host checks impossible)."""
-    return any(isinstance(t, Tensor) and is_vmapped(t) for tree in trees for t in tree_leaves(tree))
+def host_checks_deferred(*trees: PyTree) -> bool:
+    """True when the values are not readable now: a leaf is batched by ``torch.func.vmap``,
+    or a CUDA graph is being captured. :func:`bilevel.check_result` checks later."""
+    leaves = (t for tree in trees for t in tree_leaves(tree) if isinstance(t, Tensor))
+    return any(is_vmapped(t) or is_capturing(t) for t in leaves)
 
 
 def require_finite(tree: PyTree, where: str, fix: str) -> None:

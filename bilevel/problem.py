@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from bilevel.errors import BilevelError
-from bilevel.policy import any_vmapped
+from bilevel.policy import host_checks_deferred
 from bilevel.pytree import PyTree, tree_map, tree_norm
 
 __all__ = ["BilevelProblem", "scalar_objective"]
@@ -116,12 +116,12 @@ class BilevelProblem:
         every 10 steps outside ``torch.func.vmap``, whichever argument it batches).
         """
         inner = init
-        check_early_exit = self.inner_tol is not None and not any_vmapped(init, outer, data)
+        check_early_exit = self.inner_tol is not None and not host_checks_deferred(init, outer, data)
         for step in range(1, self.inner_steps + 1):
             inner = self.inner_update(inner, outer, data)
             if check_early_exit and step % 10 == 0:
                 residual = tree_norm(self.optimality(inner, outer, data))
-                if any_vmapped(residual):  # batched through a part of data we cannot see into
+                if host_checks_deferred(residual):  # batched through a part of data we cannot see into
                     check_early_exit = False
                 elif float(residual) <= self.inner_tol:
                     break

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ._result import SolveResult, Status
 
-__all__ = ["IterativeSolver", "LinearSolver", "MatVec", "Preconditioner", "is_vmapped"]
+__all__ = ["IterativeSolver", "LinearSolver", "MatVec", "Preconditioner", "is_capturing", "is_vmapped"]
 
 MatVec = Callable[[Tensor], Tensor]
 """Applies ``A`` to a tensor shaped like ``b``."""
@@ -67,6 +67,11 @@ def is_vmapped(t: Tensor) -> bool:
             return True
         t = functorch.get_unwrapped(t)
     return False
+
+
+def is_capturing(t: Tensor) -> bool:
+    """True while ``t``'s CUDA stream records a CUDA graph (values exist only at replay)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 # ----------------------------------------------------------------- validation
@@ -158,10 +163,12 @@ def machine_eps(dtype: torch.dtype) -> float:
 def all_finished(active: Tensor, iteration: int) -> bool:
     """Host-side early exit: True when no system is still active.
 
-    Never consulted under ``vmap`` (the answer is not known to Python there), and
-    off the CPU only every ``_CHECK_EVERY`` iterations to limit device syncs.
+    Never consulted under ``vmap`` or while a CUDA graph is captured (the answer
+    is not known to Python there; the solver then runs its ``maxiter``
+    iterations), and off the CPU only every ``_CHECK_EVERY`` iterations to limit
+    device syncs.
     """
-    if is_vmapped(active):
+    if is_vmapped(active) or is_capturing(active):
         return False
     if active.device.type != "cpu" and iteration % _CHECK_EVERY:
         return False

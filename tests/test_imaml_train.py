@@ -50,6 +50,16 @@ def test_resume_continues_exactly(tmp_path, mode):
     assert metrics(tmp_path / "straight") == metrics(tmp_path / "split")
 
 
+def test_time_budget_stops_at_a_log_step_with_a_checkpoint_and_resume_finishes(tmp_path):
+    final = train(Config(steps=50, max_minutes=1e-9, out_dir=str(tmp_path), **TINY))
+    assert final["meta_steps"] == TINY["log_every"]
+    assert load_checkpoint(tmp_path)["step"] == TINY["log_every"]
+    assert "eval" in metrics(tmp_path)[-1]
+    assert train(Config(steps=6, out_dir=str(tmp_path), **TINY), resume=True)["meta_steps"] == 6
+    with pytest.raises(ValueError, match="max_minutes must be positive"):
+        Config(max_minutes=0).resolved()
+
+
 def test_resume_refuses_changed_settings_and_missing_checkpoints(tmp_path):
     train(Config(steps=2, out_dir=str(tmp_path), **TINY))
     with pytest.raises(ValueError, match=r"settings differ from the checkpoint \(meta_lr"):

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from bilevel import BilevelProblem
-from bilevel.policy import any_vmapped
+from bilevel.policy import host_checks_deferred
 from bilevel.pytree import tree_map, tree_norm
 
 from .model import CONSTRAINT_SETS, Params, bce, constraint_inputs, covariance, score
@@ -67,7 +67,7 @@ class ProxLogisticProblem(BilevelProblem):
         def converged(model: Params) -> bool:
             return float(tree_norm(self.optimality(model, outer, data))) <= self.inner_tol
 
-        check = None if any_vmapped(outer, data) else converged
+        check = None if host_checks_deferred(outer, data) else converged
         return accelerated_descent(grad_and_scale, init, self.prox, self.inner_steps, check)
 
     def outer_objective(self, inner: Params, outer: Outer, data: dict[str, Tensor]) -> Tensor:

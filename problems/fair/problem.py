@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from bilevel import BilevelProblem
-from bilevel.policy import any_vmapped
+from bilevel.policy import host_checks_deferred
 from bilevel.pytree import tree_map, tree_norm
 
 from .model import CONSTRAINT_SETS, Params, bce, constraint_inputs, covariance, score, smooth_abs
@@ -136,7 +136,7 @@ class FairMetaProblem(BilevelProblem):
             inner = {"model": model, "rho": self.best_rho(model, outer, data)}
             return float(tree_norm(self.optimality(inner, outer, data))) <= self.inner_tol
 
-        check = None if any_vmapped(outer, data) else converged
+        check = None if host_checks_deferred(outer, data) else converged
         model = accelerated_descent(grad_and_scales, init["model"], self.prox, self.inner_steps, check)
         return {"model": model, "rho": self.best_rho(model, outer, data)}
 

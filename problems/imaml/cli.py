@@ -42,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--meta-batch", type=int, help="tasks per meta-step (default 32 Omniglot, 25 sinusoid)")
     p.add_argument("--meta-lr", type=float, default=defaults.meta_lr, help="Adam step (default 1e-3)")
     p.add_argument("--steps", type=int, help="meta-steps (default 1000 sinusoid, 30000 Omniglot)")
+    p.add_argument("--max-minutes", type=float,
+                   help="stop meta-training after this wall-clock time (checkpointed, then the final evaluation)")
     p.add_argument("--log-every", type=int, default=defaults.log_every)
     p.add_argument("--eval-every", type=int, default=defaults.eval_every)
     p.add_argument("--eval-tasks", type=int, default=defaults.eval_tasks, help="held-out tasks per evaluation")
@@ -49,6 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each meta-gradient as one captured CUDA graph (faster on small networks)")
     p.add_argument("--out-dir", default=defaults.out_dir, help="metrics, checkpoint and plots (default runs/imaml)")
     p.add_argument("--data-dir", help="folder with the Omniglot zips (default $BILEVEL_DATA_DIR)")
     p.add_argument("--cache-dir", help="decoded-image cache (default $BILEVEL_CACHE_DIR or ~/.cache/bilevel)")

@@ -16,7 +16,7 @@ __all__ = ["Config", "DATASETS", "MODES", "SOLVERS", "RESUMABLE"]
 DATASETS = ("sinusoid", "omniglot")
 MODES = ("implicit", "unrolled", "first_order")
 # Settings that may change when a run is resumed; everything else must match the checkpoint.
-RESUMABLE = ("steps", "device", "data_dir", "cache_dir", "out_dir", "progress")
+RESUMABLE = ("steps", "max_minutes", "cuda_graph", "device", "data_dir", "cache_dir", "out_dir", "progress")
 
 
 @dataclass
@@ -28,6 +28,10 @@ class Config:
     (``mode`` ``"unrolled"`` / ``"first_order"``) default to ``lam = 0``, the
     original algorithms; 30000 meta-steps (a GPU run). Sinusoid: 10 shots, 10
     queries, meta-batch 25, 40 inner steps of 0.02 with ``lam = 1``, 1000 meta-steps.
+    ``max_minutes`` ends meta-training early, after the first log step past that
+    wall-clock budget (counted from this start or resume), with a checkpoint and
+    the final evaluation as usual. ``cuda_graph`` replays each meta-gradient as
+    one captured CUDA graph (:class:`bilevel.CUDAGraphed`; ``device`` must be CUDA).
     """
 
     dataset: str = "sinusoid"
@@ -46,6 +50,7 @@ class Config:
     meta_batch: int | None = None
     meta_lr: float = 1e-3
     steps: int | None = None
+    max_minutes: float | None = None
     log_every: int = 10
     eval_every: int = 200
     eval_tasks: int = 100
@@ -53,6 +58,7 @@ class Config:
     checkpoint_every: int = 100
     seed: int = 0
     device: str = "cpu"
+    cuda_graph: bool = False
     out_dir: str = "runs/imaml"
     data_dir: str | None = None
     cache_dir: str | None = None
@@ -69,6 +75,10 @@ class Config:
         if self.checkpoint_every % self.log_every or self.eval_every % self.log_every:
             raise ValueError(f"checkpoint_every ({self.checkpoint_every}) and eval_every ({self.eval_every}) "
                              f"must be multiples of log_every ({self.log_every})")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be positive, got {self.max_minutes}")
+        if self.cuda_graph and not self.device.startswith("cuda"):
+            raise ValueError(f"cuda_graph needs a CUDA device, got device={self.device!r}")
         if self.mode == "unrolled" and self.inner_optimizer != "gd":
             raise ValueError("mode='unrolled' differentiates through gradient descent: use inner_optimizer='gd'")
         omniglot = self.dataset == "omniglot"

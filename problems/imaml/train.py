@@ -11,6 +11,8 @@ indefinite by CG), evaluation before and after adaptation.
 ``<out_dir>/checkpoint.pt`` (meta-parameters, Adam state, step, sampler state)
 is replaced atomically every ``checkpoint_every`` steps; :func:`train` with
 ``resume=True`` continues from it exactly as if the run had not stopped.
+``max_minutes`` stops a run at the first log step past that wall-clock budget,
+with a checkpoint, so ``--resume`` (with more time) continues it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import torch
 from bilevel.problems.imaml.config import RESUMABLE, Config
 from bilevel.problems.imaml.experiment import Experiment, build
 from bilevel.problems.imaml.models import Params
-from bilevel.problems.imaml.problem import adapt, meta_gradient
+from bilevel.cuda_graph import CUDAGraphed
+from bilevel.problems.imaml.problem import MetaGradient, adapt, meta_gradient
 from bilevel.solvers import Status
 
 __all__ = ["train", "evaluate", "load_checkpoint", "CHECKPOINT", "METRICS"]
@@ -167,31 +170,41 @@ def train(config: Config, *, resume: bool = False,
 
     from tqdm import tqdm
 
+    def compute(theta: Params, tasks) -> MetaGradient:
+        return meta_gradient(exp.problem, theta, tasks, mode=config.mode, solver=exp.solver)
+
+    if config.cuda_graph:
+        compute = CUDAGraphed(compute)
     bar = tqdm(total=config.steps, initial=step, disable=not config.progress, desc=f"imaml {config.dataset}")
     window, started = _Window(), time.perf_counter()
+    deadline = started + 60 * config.max_minutes if config.max_minutes else math.inf
     with metrics_path.open("a") as log:
         while step < config.steps:
             tasks = exp.train_tasks.sample(rng, config.meta_batch, device)
-            mg = meta_gradient(exp.problem, theta, tasks, mode=config.mode, solver=exp.solver)
+            mg = compute(theta, tasks)
             for k, p in theta.items():
                 p.grad = mg.grad[k]
             optimizer.step()
             window.add(mg)
             step += 1
             bar.update(1)
-            if step % config.log_every == 0 or step == config.steps:
+            last = step == config.steps
+            if step % config.log_every == 0 or last:
+                last = last or time.perf_counter() >= deadline
                 record = {"step": step, **window.flush(), "seconds": time.perf_counter() - started}
-                if step % config.eval_every == 0 or step == config.steps:
+                if step % config.eval_every == 0 or last:
                     record["eval"] = evaluate(exp, theta, config.eval_tasks, config.meta_batch, device, config.seed)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.set_postfix(_postfix(record))
-            if step % config.checkpoint_every == 0 or step == config.steps:
+            if step % config.checkpoint_every == 0 or last:
                 _atomic_save({"config": config.to_dict(), "step": step, "rng": rng.bit_generator.state,
                               "theta": {k: v.cpu() for k, v in theta.items()},
                               "optimizer": optimizer.state_dict()}, out / CHECKPOINT)
+            if last:
+                break
     bar.close()
-    return _finish(config, exp, theta, device, out)
+    return _finish(config, exp, theta, device, out, step)
 
 
 def _postfix(record: dict[str, Any]) -> dict[str, str]:
@@ -204,10 +217,11 @@ def _postfix(record: dict[str, Any]) -> dict[str, str]:
     return post
 
 
-def _finish(config: Config, exp: Experiment, theta: Params, device: torch.device, out: Path) -> dict[str, Any]:
+def _finish(config: Config, exp: Experiment, theta: Params, device: torch.device, out: Path,
+            step: int) -> dict[str, Any]:
     from bilevel.problems.imaml import plots
 
-    final: dict[str, Any] = {"config": config.to_dict(),
+    final: dict[str, Any] = {"config": config.to_dict(), "meta_steps": step,
                              "test": evaluate(exp, theta, config.final_tasks, config.meta_batch, device, config.seed)}
     if exp.classification and config.ways == 20 and config.shots == 1:
         from bilevel.problems.imaml.evaluation import official_runs_accuracy
