@@ -310,15 +310,15 @@ def summary(rows: list[dict]) -> list[str]:
     for (problem, tasks, steps, impl), r in sorted(by.items()):
         if impl not in ("ours-implicit", "ours-implicit-graph"):
             continue
-        parts = [f"{problem} tasks={tasks} K={steps} {impl}:"]
+        parts = []
         for other in ("torchopt-implicit", "jaxopt-implicit", "floor"):
             o = by.get((problem, tasks, steps, other))
             if o:
-                parts.append(f"{r['time_s'] / o['time_s']:.2f}x {other.split('-')[0]},")
+                parts.append(f"{r['time_s'] / o['time_s']:.2f}x {other.split('-')[0]}")
         loop = by.get((problem, tasks, steps, "ours-implicit-loop"))
         if loop:
             parts.append(f"loop over tasks {loop['time_s'] / r['time_s']:.2f}x slower")
-        out.append(" ".join(parts))
+        out.append(f"{problem} tasks={tasks} K={steps} {impl}: " + ", ".join(parts))
     return out
 
 

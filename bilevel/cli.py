@@ -2,12 +2,15 @@
 
 Each subcommand lives with its problem (``bilevel.problems.<name>.cli``) and
 exposes ``register(subparsers)``, which adds its parser and sets ``func``.
+Invalid settings and missing or corrupt files end the command with their
+message and exit status 2 (``BILEVEL_TRACEBACK=1`` shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -32,7 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     # Import only the requested command's module; all of them for help or an unknown command.
     requested = [argv[0]] if argv and argv[0] in COMMANDS else None
     args = build_parser(requested).parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError) as err:  # bad settings, missing or corrupt files: say what, not where
+        if os.environ.get("BILEVEL_TRACEBACK"):
+            raise
+        print(f"bilevel {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

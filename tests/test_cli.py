@@ -33,3 +33,13 @@ def test_unknown_command_is_an_error(capsys):
         cli.main(["frobnicate"])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_invalid_settings_end_with_the_message_not_a_traceback(capsys, monkeypatch):
+    monkeypatch.delenv("BILEVEL_TRACEBACK", raising=False)
+    assert cli.main(["imaml", "--cuda-graph", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == ("bilevel imaml: error: cuda_graph needs a CUDA device, "
+                                               "got device='cpu'")
+    monkeypatch.setenv("BILEVEL_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="cuda_graph needs a CUDA device"):
+        cli.main(["imaml", "--cuda-graph", "--device", "cpu"])

@@ -50,7 +50,7 @@ OFFICIAL_RUN_ALPHABETS = frozenset({
     "Old_Church_Slavonic_(Cyrillic)", "Tengwar", "Tibetan"})
 
 
-class OmniglotError(RuntimeError):
+class OmniglotError(OSError):
     """A missing, corrupt or unexpected Omniglot archive."""
 
 

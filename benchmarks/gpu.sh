@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU measurements of docs/benchmarks.md and docs/imaml.md, in one go.
+#
+#   bash benchmarks/gpu.sh OUT_DIR OMNIGLOT_DIR [PART ...]
+#
+# PART is any of: tests bench memory smoke omniglot (default: all but omniglot).
+# OMNIGLOT_MINUTES (default 4) sets the wall-clock budget of the Omniglot run.
+# Each part has its own time limit, so one failure does not stop the others.
+set -u
+out=${1:?usage: gpu.sh OUT_DIR OMNIGLOT_DIR [PART ...]}
+data=${2:?usage: gpu.sh OUT_DIR OMNIGLOT_DIR [PART ...]}
+shift 2
+parts=${*:-tests bench memory smoke}
+root=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda)" | tee -a "$out/gpu.txt"
+
+for part in $parts; do
+  start=$(date +%s)
+  case $part in
+    tests)  # CUDA-graph replays equal eager results
+      (cd "$root" && timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py) \
+        > "$out/tests.log" 2>&1 ;;
+    bench)  # time per meta-gradient against the peers, meta-batch 4 and 32
+      (cd "$root/benchmarks" &&
+       timeout 240 python3 hypergradient.py --device cuda --problems sinusoid conv --steps 5 80 --tasks 4 \
+         --impls ours-implicit ours-implicit-graph torchopt-implicit jaxopt-implicit floor \
+         --min-time 0.5 --max-time 3 --timeout 50 --out "$out/hg4.jsonl" &&
+       timeout 120 python3 hypergradient.py --device cuda --problems sinusoid conv --steps 5 --tasks 32 \
+         --impls ours-implicit ours-implicit-graph ours-implicit-loop torchopt-implicit \
+         --min-time 0.5 --max-time 3 --timeout 40 --converged-max-tasks 0 --out "$out/hg32.jsonl") \
+        > "$out/bench.log" 2>&1 ;;
+    memory)  # peak GPU memory of one meta-step against the inner steps, implicit vs unrolled
+      (cd "$root" && timeout 90 python3 benchmarks/memory.py --device cuda --steps 5 25 100 --out "$out/memory") \
+        > "$out/memory.log" 2>&1 ;;
+    smoke)  # a few graphed Omniglot meta-steps through the command line
+      timeout 120 bilevel imaml --dataset omniglot --device cuda --cuda-graph --steps 40 --log-every 20 \
+        --eval-every 40 --checkpoint-every 40 --eval-tasks 32 --final-tasks 64 --data-dir "$data" \
+        --cache-dir "${BILEVEL_CACHE_DIR:-/tmp/bilevel-cache}" --out-dir "$out/smoke" --no-progress > "$out/smoke.log" 2>&1 ;;
+    omniglot)  # 5-way 1-shot iMAML with the paper's settings for a fixed wall-clock budget
+      minutes=${OMNIGLOT_MINUTES:-4}
+      timeout $(( ${minutes%.*} * 60 + 150 )) bilevel imaml --dataset omniglot --ways 5 --shots 1 --device cuda \
+        --cuda-graph --max-minutes "$minutes" --log-every 50 --eval-every 500 --checkpoint-every 500 \
+        --eval-tasks 200 --final-tasks 600 --data-dir "$data" --cache-dir "${BILEVEL_CACHE_DIR:-/tmp/bilevel-cache}" \
+        --out-dir "$out/omniglot5" --no-progress > "$out/omniglot5.log" 2>&1 ;;
+    *) echo "unknown part $part" >&2; exit 2 ;;
+  esac
+  echo "$part: exit $? in $(( $(date +%s) - start )) s" | tee -a "$out/parts.txt"
+done
