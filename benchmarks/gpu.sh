@@ -3,14 +3,14 @@
 #
 #   bash benchmarks/gpu.sh OUT_DIR OMNIGLOT_DIR [PART ...]
 #
-# PART is any of: tests bench memory smoke omniglot (default: all but omniglot).
+# PART is any of: tests smoke memory bench4 bench32 omniglot (default: all but omniglot).
 # OMNIGLOT_MINUTES (default 4) sets the wall-clock budget of the Omniglot run.
 # Each part has its own time limit, so one failure does not stop the others.
 set -u
 out=${1:?usage: gpu.sh OUT_DIR OMNIGLOT_DIR [PART ...]}
 data=${2:?usage: gpu.sh OUT_DIR OMNIGLOT_DIR [PART ...]}
 shift 2
-parts=${*:-tests bench memory smoke}
+parts=${*:-tests smoke memory bench4 bench32}
 root=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -24,15 +24,17 @@ for part in $parts; do
     tests)  # CUDA-graph replays equal eager results
       (cd "$root" && timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py) \
         > "$out/tests.log" 2>&1 ;;
-    bench)  # time per meta-gradient against the peers, meta-batch 4 and 32
+    bench4)  # time per meta-gradient against the peers, meta-batch 4
       (cd "$root/benchmarks" &&
-       timeout 240 python3 hypergradient.py --device cuda --problems sinusoid conv --steps 5 80 --tasks 4 \
+       timeout 600 python3 hypergradient.py --device cuda --problems sinusoid conv --steps 5 80 --tasks 4 \
          --impls ours-implicit ours-implicit-graph torchopt-implicit jaxopt-implicit floor \
-         --min-time 0.5 --max-time 3 --timeout 50 --out "$out/hg4.jsonl" &&
-       timeout 120 python3 hypergradient.py --device cuda --problems sinusoid conv --steps 5 --tasks 32 \
+         --min-time 0.5 --max-time 3 --timeout 90 --out "$out/hg4.jsonl") > "$out/bench4.log" 2>&1 ;;
+    bench32)  # meta-batch 32: vectorized against a loop over tasks, and torchopt
+      (cd "$root/benchmarks" &&
+       timeout 300 python3 hypergradient.py --device cuda --problems sinusoid conv --steps 5 --tasks 32 \
          --impls ours-implicit ours-implicit-graph ours-implicit-loop torchopt-implicit \
-         --min-time 0.5 --max-time 3 --timeout 40 --converged-max-tasks 0 --out "$out/hg32.jsonl") \
-        > "$out/bench.log" 2>&1 ;;
+         --min-time 0.5 --max-time 3 --timeout 60 --converged-max-tasks 0 --out "$out/hg32.jsonl") \
+        > "$out/bench32.log" 2>&1 ;;
     memory)  # peak GPU memory of one meta-step against the inner steps, implicit vs unrolled
       (cd "$root" && timeout 90 python3 benchmarks/memory.py --device cuda --steps 5 25 100 --out "$out/memory") \
         > "$out/memory.log" 2>&1 ;;
