@@ -32,9 +32,10 @@ def test_l2_run_and_exact_resume(tmp_path, shared_data, capsys):
               "--n-val", "200", "--n-test", "200", "--checkpoint-every", "2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run([*common, "--out", str(straight), "--steps", "6"]) == 0
-    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = records(straight)
-    assert [r["step"] for r in rows] == list(range(7)) and final["step"] == 6
+    assert [r["step"] for r in rows] == list(range(7)) and printed["final"]["step"] == 6
+    assert printed["selected"] == printed["final"]  # no held-out selection set: the last step
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
     assert {"test_loss", "test_acc", "tol", "accepted", "solve_iterations"} <= set(rows[-1])
     assert (straight / "plot.png").stat().st_size > 0
@@ -48,6 +49,20 @@ def test_l2_run_and_exact_resume(tmp_path, shared_data, capsys):
     a = torch.load(straight / "checkpoint.pt", weights_only=True)["state"]
     b = torch.load(resumed / "checkpoint.pt", weights_only=True)["state"]
     assert torch.equal(a["outer"], b["outer"]) and torch.equal(a["inner"], b["inner"])
+
+
+def test_held_out_selection_keeps_the_step_with_the_lowest_held_out_loss(tmp_path, shared_data, capsys):
+    argv = ["l2", "--dataset", "german", "--data-dir", str(shared_data), "--no-progress", "--no-plot",
+            "--n-train", "300", "--n-val", "200", "--n-test", "200", "--steps", "8", "--select-fraction", "0.25",
+            "--out", str(tmp_path)]
+    assert run(argv) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = records(tmp_path)
+    best = min(rows, key=lambda r: r["select_loss"])
+    assert printed["selected"]["step"] == best["step"] and printed["final"]["step"] == 8
+    assert all(r["select_loss"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="select_fraction must be in"):
+        run([*argv[:-1], str(tmp_path / "bad"), "--select-fraction", "1.5"])
 
 
 def test_resume_errors_name_the_fix(tmp_path, shared_data):

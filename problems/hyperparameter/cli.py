@@ -36,6 +36,9 @@ def _common(parser: argparse.ArgumentParser, *, n_train: int | None, n_val: int 
     loop.add_argument("--first-move", type=float, default=1.0,
                       help="the first step moves the largest hyperparameter by this much")
     loop.add_argument("--grow", type=float, default=1.5, help="step size factor after an accepted step")
+    loop.add_argument("--select-fraction", type=float, default=0.0,
+                      help="hold out this fraction of the validation set and report the step with the lowest "
+                           "loss on it (early stopping; the hypergradient uses the rest)")
     loop.add_argument("--max-inner-iter", type=int, default=2000, help="inner solver iteration cap")
     loop.add_argument("--cg-maxiter", type=int, default=1000, help="conjugate gradient iteration cap")
     loop.add_argument("--on-failure", choices=("warn", "raise", "ignore"), default="warn",
@@ -82,6 +85,6 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "l2" and args.dataset == "mnist":
         settings.update({k: v for k, v in (("n_train", 20_000), ("n_val", 5_000), ("n_test", 10_000))
                          if settings[k] is None})
-    final = run_experiment(settings, l2_task if args.task == "l2" else cleaning_task)
-    print(json.dumps(final))
+    result = run_experiment(settings, l2_task if args.task == "l2" else cleaning_task)
+    print(json.dumps(result))
     return 0

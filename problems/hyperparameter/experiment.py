@@ -2,8 +2,12 @@
 
 Files in the output folder: ``metrics.jsonl`` (one record per outer step),
 ``checkpoint.pt`` (the loop state, rewritten atomically every
-``checkpoint_every`` steps and at the end), ``summary.json`` (the last record
-and the settings) and ``plot.png``.
+``checkpoint_every`` steps and at the end), ``summary.json`` (the last record,
+the selected one and the settings) and ``plot.png``.
+
+With ``select_fraction > 0`` the task holds out that part of the validation set;
+the record with the lowest held-out loss (``select_loss``) is the ``selected``
+one, the early-stopped answer of the run. Without it the last record is selected.
 """
 
 from __future__ import annotations
@@ -67,8 +71,18 @@ def _resume(ckpt_path: Path, metrics_path: Path, config: dict[str, Any],
     return state, ckpt["elapsed"], records
 
 
+def _selected(records: list[dict[str, Any]]) -> dict[str, Any]:
+    if "select_loss" not in records[-1]:
+        return records[-1]
+    return min(records, key=lambda r: (r["select_loss"], -r["step"]))
+
+
 def run_experiment(settings: dict[str, Any], build: Callable[[dict[str, Any]], Task]) -> dict[str, Any]:
-    """Run (or resume) HOAG on the task that ``build(settings)`` returns; return the last metrics record."""
+    """Run (or resume) HOAG on the task that ``build(settings)`` returns.
+
+    Returns ``{"final": last record, "selected": selected record}``; a record holds the
+    step, the elapsed optimization time, the validation loss and the task's metrics.
+    """
     from tqdm import tqdm
 
     out = Path(settings["out"])
@@ -105,9 +119,10 @@ def run_experiment(settings: dict[str, Any], build: Callable[[dict[str, Any]], T
                 _save(ckpt_path, state, elapsed, config)
     bar.close()
     _save(ckpt_path, state, elapsed, config)
-    summary = {"final": records[-1], "settings": {k: v for k, v in settings.items() if k != "progress"}}
+    result = {"final": records[-1], "selected": _selected(records)}
+    summary = {**result, "settings": {k: v for k, v in settings.items() if k != "progress"}}
     _atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     if settings["plot"]:
         plot_run(out / "plot.png", records, task.weights_of(state.outer), task.corrupted,
                  f"{task.name}: {settings.get('dataset', 'mnist')}")
-    return records[-1]
+    return result

@@ -53,29 +53,53 @@ def _cpu_splits(settings: dict[str, Any]) -> Splits:
     return split(table.x, table.y, **sizes, seed=settings["seed"], dtype=dtype)
 
 
-def _test_metrics(data: Splits, inner: Tensor) -> dict[str, float]:
-    return {"test_loss": float(mean_loss(inner, data.x_test, data.y_test)),
-            "test_acc": float(accuracy(inner, data.x_test, data.y_test))}
+def _hold_out(data: Splits, fraction: float, seed: int) -> tuple[Splits, tuple[Tensor, Tensor] | None]:
+    """Set aside a random ``fraction`` of the validation set for choosing the step to keep.
+
+    With many hyperparameters the outer loop can fit the validation set itself; a
+    held-out part that the hypergradient never sees tells when that starts (early
+    stopping), using no data beyond the training and validation sets.
+    """
+    if not fraction:
+        return data, None
+    if not 0 < fraction < 1:
+        raise ValueError(f"select_fraction must be in [0, 1), got {fraction}")
+    n = data.x_val.shape[0]
+    n_select = round(fraction * n)
+    if not 0 < n_select < n:
+        raise ValueError(f"select_fraction={fraction} leaves {n_select} of the {n} validation examples for "
+                         "selection; choose a fraction that keeps both parts non-empty")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(data.x_val.device)
+    keep, held = order[n_select:], order[:n_select]
+    return data._replace(x_val=data.x_val[keep], y_val=data.y_val[keep]), (data.x_val[held], data.y_val[held])
+
+
+def _test_metrics(data: Splits, inner: Tensor, select: tuple[Tensor, Tensor] | None) -> dict[str, float]:
+    out = {"test_loss": float(mean_loss(inner, data.x_test, data.y_test)),
+           "test_acc": float(accuracy(inner, data.x_test, data.y_test))}
+    if select is not None:
+        out["select_loss"] = float(mean_loss(inner, *select))
+    return out
 
 
 def l2_task(settings: dict[str, Any]) -> Task:
     """Per-feature L2 on ``settings["dataset"]``, starting from ``exp(lambda_j) = init_penalty``."""
-    data = _splits(settings)
+    data, select = _hold_out(_splits(settings), settings.get("select_fraction", 0.0), settings["seed"])
     problem = PerFeatureL2(max_inner_iter=settings["max_inner_iter"])
     outer0 = torch.full((data.x_train.shape[1],), math.log(settings["init_penalty"]), dtype=data.x_train.dtype,
                         device=data.x_train.device)
-    return Task("l2", problem, data, outer0, lambda outer, inner: _test_metrics(data, inner), torch.exp)
+    return Task("l2", problem, data, outer0, lambda outer, inner: _test_metrics(data, inner, select), torch.exp)
 
 
 def cleaning_task(settings: dict[str, Any]) -> Task:
     """Hyper-cleaning of MNIST with a fraction ``settings["corruption"]`` of random training labels."""
-    clean = _splits(settings)
+    clean, select = _hold_out(_splits(settings), settings.get("select_fraction", 0.0), settings["seed"])
     noisy, corrupted = corrupt_labels(clean.y_train, settings["corruption"], clean.n_classes, seed=settings["seed"])
     data = clean._replace(y_train=noisy)
     problem = HyperCleaning(reg=settings["reg"], max_inner_iter=settings["max_inner_iter"])
     outer0 = torch.zeros(data.x_train.shape[0], dtype=data.x_train.dtype, device=data.x_train.device)
 
     def metrics(outer: Tensor, inner: Tensor) -> dict[str, float]:
-        return {**_test_metrics(data, inner), **separation(torch.sigmoid(outer), corrupted)}
+        return {**_test_metrics(data, inner, select), **separation(torch.sigmoid(outer), corrupted)}
 
     return Task("cleaning", problem, data, outer0, metrics, torch.sigmoid, corrupted)
