@@ -140,3 +140,20 @@ def test_adaptation_lowers_the_support_loss_of_every_task():
     theta, tasks = small_mlp(hidden=20), sinusoid_tasks(5)
     out = adapt(problem, theta, Task(tasks.support_x, tasks.support_y, tasks.support_x, tasks.support_y))
     assert bool((out.loss_after < out.loss_before).all())
+
+
+def test_last_step_prox_schedule_is_plain_descent_then_one_proximal_step():
+    theta = mlp_init()
+    task = SinusoidTasks().sample(np.random.default_rng(0), 1).index(0)
+    plain = IMAMLProblem(mlp_forward, mse, lam=0.0, inner_lr=0.02, inner_steps=7)
+    last = IMAMLProblem(mlp_forward, mse, lam=2.0, inner_lr=0.02, inner_steps=7, prox_schedule="last_step")
+    every = IMAMLProblem(mlp_forward, mse, lam=2.0, inner_lr=0.02, inner_steps=7)
+    phi_plain, phi_last = plain.solve_inner(theta, task, theta), last.solve_inner(theta, task, theta)
+    for k in theta:
+        want = theta[k] + (1 - 0.02 * 2.0) * (phi_plain[k] - theta[k])
+        torch.testing.assert_close(phi_last[k], want)
+    moved_last = sum(((phi_last[k] - theta[k]) ** 2).sum() for k in theta)
+    moved_every = sum(((every.solve_inner(theta, task, theta)[k] - theta[k]) ** 2).sum() for k in theta)
+    assert moved_last > moved_every  # the pull towards theta acts once instead of at every step
+    with pytest.raises(ValueError, match="prox_schedule must be one of"):
+        IMAMLProblem(mlp_forward, mse, prox_schedule="sometimes")

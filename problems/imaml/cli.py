@@ -39,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--inner-lr", type=float, help="inner step size (default 0.1 Omniglot, 0.02 sinusoid)")
     p.add_argument("--inner-steps", type=int, help="inner steps (default 16 for 5-way, 25 for 20-way, 40 sinusoid)")
     p.add_argument("--inner-optimizer", choices=("gd", "nesterov"), default=defaults.inner_optimizer)
+    p.add_argument("--prox-schedule", choices=("every_step", "last_step"), default=defaults.prox_schedule,
+                   help="proximal term in every inner step (the formula, default) or one proximal step after "
+                        "plain steps on the support loss (the paper's reference code)")
     p.add_argument("--meta-batch", type=int, help="tasks per meta-step (default 32 Omniglot, 25 sinusoid)")
     p.add_argument("--meta-lr", type=float, default=defaults.meta_lr, help="Adam step (default 1e-3)")
     p.add_argument("--steps", type=int, help="meta-steps (default 1000 sinusoid, 30000 Omniglot)")

@@ -47,6 +47,7 @@ class Config:
     inner_lr: float | None = None
     inner_steps: int | None = None
     inner_optimizer: str = "gd"
+    prox_schedule: str = "every_step"
     meta_batch: int | None = None
     meta_lr: float = 1e-3
     steps: int | None = None

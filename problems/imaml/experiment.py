@@ -64,6 +64,7 @@ def build(config: Config, omniglot_images: tuple[np.ndarray, np.ndarray] | None 
         train = OmniglotTasks(omniglot_images[0], config.ways, config.shots, config.queries, rotations=True)
         test = OmniglotTasks(omniglot_images[1], config.ways, config.shots, config.queries)
     problem = IMAMLProblem(forward, loss, lam=config.lam, inner_lr=config.inner_lr,
-                           inner_steps=config.inner_steps, inner_optimizer=config.inner_optimizer)
+                           inner_steps=config.inner_steps, inner_optimizer=config.inner_optimizer,
+                           prox_schedule=config.prox_schedule)
     solver = make_solver(config.solver, config.cg_steps, config.damping) if config.mode == "implicit" else None
     return Experiment(problem, init, train, test, solver, config.dataset == "omniglot")

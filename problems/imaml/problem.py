@@ -31,11 +31,12 @@ from bilevel.problems.imaml.tasks import Task
 from bilevel.solvers import CG, LinearSolver, Status
 
 __all__ = ["IMAMLProblem", "MetaGradient", "Adaptation", "meta_gradient", "adapt", "cross_entropy", "mse",
-           "INNER_OPTIMIZERS"]
+           "INNER_OPTIMIZERS", "PROX_SCHEDULES"]
 
 Forward = Callable[[Params, Tensor], Tensor]
 Loss = Callable[[Tensor, Tensor], Tensor]
 INNER_OPTIMIZERS = ("gd", "nesterov")
+PROX_SCHEDULES = ("every_step", "last_step")
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -60,19 +61,28 @@ class IMAMLProblem(bilevel.BilevelProblem):
             (Nesterov's accelerated gradient with momentum ``(k - 1) / (k + 2)`` at
             step ``k``); iMAML needs only the inner solution, so any optimizer
             works in the implicit and first-order modes.
+        prox_schedule: ``"every_step"`` (default): every step descends
+            ``L_train + lam/2 ||phi - theta||^2``, the inner problem of the formula.
+            ``"last_step"``: the steps descend ``L_train`` alone and one proximal
+            step ``phi <- phi - inner_lr * lam * (phi - theta)`` ends the solve, as
+            in the paper's reference code (aravindr93/imaml_dev); ``phi`` then
+            adapts further but is only an approximate root of the formula's
+            optimality condition, which the implicit meta-gradient still uses.
     """
 
     residual_tol = None  # a few inner steps give an approximate phi_i by design
 
     def __init__(self, forward: Forward, loss: Loss, *, lam: float = 2.0, inner_lr: float = 0.1,
-                 inner_steps: int = 16, inner_optimizer: str = "gd"):
+                 inner_steps: int = 16, inner_optimizer: str = "gd", prox_schedule: str = "every_step"):
         if lam < 0:
             raise ValueError(f"lam must be >= 0, got {lam}")
         if inner_optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}")
+        if prox_schedule not in PROX_SCHEDULES:
+            raise ValueError(f"prox_schedule must be one of {PROX_SCHEDULES}, got {prox_schedule!r}")
         self.forward, self.loss, self.lam = forward, loss, lam
         self.inner_lr, self.inner_steps = inner_lr, inner_steps
-        self.inner_optimizer = inner_optimizer
+        self.inner_optimizer, self.prox_schedule = inner_optimizer, prox_schedule
 
     def support_loss(self, phi: Params, task: Task) -> Tensor:
         return self.loss(self.forward(phi, task.support_x), task.support_y)
@@ -94,17 +104,22 @@ class IMAMLProblem(bilevel.BilevelProblem):
 
     def solve_inner(self, theta: Params, task: Task, init: Params) -> Params:
         """``inner_steps`` of gradient descent (no early exit), or of Nesterov's method."""
-        if self.inner_optimizer == "gd":
-            phi = init
-            for _ in range(self.inner_steps):
-                phi = self.inner_update(phi, theta, task)
-            return phi
+        support_grad = torch.func.grad(self.support_loss)
+
+        def direction(phi: Params) -> Params:
+            if self.prox_schedule == "every_step":
+                return self.optimality(phi, theta, task)
+            return support_grad(phi, task)
+
         phi, previous = init, init
         for k in range(1, self.inner_steps + 1):
-            momentum = (k - 1) / (k + 2)
-            look = {n: phi[n] + momentum * (phi[n] - previous[n]) for n in phi}
-            step = self.optimality(look, theta, task)
+            momentum = (k - 1) / (k + 2) if self.inner_optimizer == "nesterov" else 0.0
+            look = {n: phi[n] + momentum * (phi[n] - previous[n]) for n in phi} if momentum else phi
+            step = direction(look)
             phi, previous = {n: look[n] - self.inner_lr * step[n] for n in phi}, phi
+        if self.prox_schedule == "last_step":
+            keep = 1.0 - self.inner_lr * self.lam
+            phi = {n: theta[n] + keep * (phi[n] - theta[n]) for n in phi}
         return phi
 
 
