@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from bilevel.cuda_graph import CUDAGraphed
 from bilevel.problems.imaml.config import RESUMABLE, Config
 from bilevel.problems.imaml.experiment import Experiment, build
 from bilevel.problems.imaml.models import Params
-from bilevel.cuda_graph import CUDAGraphed
 from bilevel.problems.imaml.problem import MetaGradient, adapt, meta_gradient
 from bilevel.solvers import Status
 
