@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu.sh OUT_DIR OMNIGLOT_DIR [PART ...]
 #
 # PART is any of: tests smoke memory bench4 bench32 omniglot (default: all but omniglot).
-# OMNIGLOT_MINUTES (default 4) sets the wall-clock budget of the Omniglot run.
+# OMNIGLOT_MINUTES (default 4) sets the wall-clock budget of the Omniglot run and
+# OMNIGLOT_ARGS adds options to it (e.g. "--prox-schedule last_step --damping 22").
 # Each part has its own time limit, so one failure does not stop the others.
 set -u
 out=${1:?usage: gpu.sh OUT_DIR OMNIGLOT_DIR [PART ...]}
@@ -47,7 +48,7 @@ for part in $parts; do
       timeout $(( ${minutes%.*} * 60 + 150 )) bilevel imaml --dataset omniglot --ways 5 --shots 1 --device cuda \
         --cuda-graph --max-minutes "$minutes" --log-every 50 --eval-every 500 --checkpoint-every 500 \
         --eval-tasks 200 --final-tasks 600 --data-dir "$data" --cache-dir "${BILEVEL_CACHE_DIR:-/tmp/bilevel-cache}" \
-        --out-dir "$out/omniglot5" --no-progress > "$out/omniglot5.log" 2>&1 ;;
+        --out-dir "$out/omniglot5" --no-progress ${OMNIGLOT_ARGS:-} > "$out/omniglot5.log" 2>&1 ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
   echo "$part: exit $? in $(( $(date +%s) - start )) s" | tee -a "$out/parts.txt"
