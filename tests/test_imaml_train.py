@@ -60,6 +60,19 @@ def test_time_budget_stops_at_a_log_step_with_a_checkpoint_and_resume_finishes(t
         Config(max_minutes=0).resolved()
 
 
+def test_evaluation_can_adapt_with_another_proximal_strength(tmp_path):
+    from bilevel.problems.imaml.experiment import build
+
+    exp = build(Config(eval_lam=0.0).resolved())
+    assert exp.problem.lam == 1.0 and exp.eval_problem.lam == 0.0
+    assert build(Config().resolved()).eval_problem.lam == 1.0
+    plain = train(Config(steps=2, eval_lam=0.0, out_dir=str(tmp_path / "plain"), **TINY))["test"]
+    prox = train(Config(steps=2, out_dir=str(tmp_path / "prox"), **TINY))["test"]
+    assert plain["loss_before"] == prox["loss_before"] and plain["loss_after"] != prox["loss_after"]
+    with pytest.raises(ValueError, match="eval_lam must be >= 0"):
+        Config(eval_lam=-1.0).resolved()
+
+
 def test_resume_refuses_changed_settings_and_missing_checkpoints(tmp_path):
     train(Config(steps=2, out_dir=str(tmp_path), **TINY))
     with pytest.raises(ValueError, match=r"settings differ from the checkpoint \(meta_lr"):

@@ -54,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--eval-lam", type=float,
+                   help="proximal strength of the adaptation at evaluation (default: --lam; 0 adapts by plain "
+                        "inner steps, as the paper's reference code does at test time)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each meta-gradient as one captured CUDA graph (faster on small networks)")
     p.add_argument("--out-dir", default=defaults.out_dir, help="metrics, checkpoint and plots (default runs/imaml)")

@@ -16,7 +16,7 @@ __all__ = ["Config", "DATASETS", "MODES", "SOLVERS", "RESUMABLE"]
 DATASETS = ("sinusoid", "omniglot")
 MODES = ("implicit", "unrolled", "first_order")
 # Settings that may change when a run is resumed; everything else must match the checkpoint.
-RESUMABLE = ("steps", "max_minutes", "cuda_graph", "device", "data_dir", "cache_dir", "out_dir", "progress")
+RESUMABLE = ("steps", "max_minutes", "cuda_graph", "eval_lam", "device", "data_dir", "cache_dir", "out_dir", "progress")
 
 
 @dataclass
@@ -32,6 +32,8 @@ class Config:
     wall-clock budget (counted from this start or resume), with a checkpoint and
     the final evaluation as usual. ``cuda_graph`` replays each meta-gradient as
     one captured CUDA graph (:class:`bilevel.CUDAGraphed`; ``device`` must be CUDA).
+    ``eval_lam`` sets the proximal strength of the adaptation in evaluations
+    (default ``lam``; the paper's reference code adapts with 0 at test time).
     """
 
     dataset: str = "sinusoid"
@@ -48,6 +50,7 @@ class Config:
     inner_steps: int | None = None
     inner_optimizer: str = "gd"
     prox_schedule: str = "every_step"
+    eval_lam: float | None = None
     meta_batch: int | None = None
     meta_lr: float = 1e-3
     steps: int | None = None
@@ -76,6 +79,8 @@ class Config:
         if self.checkpoint_every % self.log_every or self.eval_every % self.log_every:
             raise ValueError(f"checkpoint_every ({self.checkpoint_every}) and eval_every ({self.eval_every}) "
                              f"must be multiples of log_every ({self.log_every})")
+        if self.eval_lam is not None and not self.eval_lam >= 0:
+            raise ValueError(f"eval_lam must be >= 0, got {self.eval_lam}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be positive, got {self.max_minutes}")
         if self.cuda_graph and not self.device.startswith("cuda"):

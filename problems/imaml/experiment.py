@@ -22,7 +22,8 @@ __all__ = ["Experiment", "build", "make_solver"]
 
 @dataclass
 class Experiment:
-    """The pieces of a run: problem, initial parameters, samplers, solver."""
+    """The pieces of a run: problem, initial parameters, samplers, solver, and the problem
+    whose inner solve adapts at evaluation (``problem`` itself unless ``eval_lam`` is set)."""
 
     problem: IMAMLProblem
     init: models.Params
@@ -30,6 +31,7 @@ class Experiment:
     test_tasks: Any
     solver: Any
     classification: bool
+    eval_problem: IMAMLProblem
 
 
 def make_solver(name: str, maxiter: int, damping: float) -> Any:
@@ -63,8 +65,11 @@ def build(config: Config, omniglot_images: tuple[np.ndarray, np.ndarray] | None 
         init = models.conv4_init(config.ways, config.channels, generator=generator)
         train = OmniglotTasks(omniglot_images[0], config.ways, config.shots, config.queries, rotations=True)
         test = OmniglotTasks(omniglot_images[1], config.ways, config.shots, config.queries)
-    problem = IMAMLProblem(forward, loss, lam=config.lam, inner_lr=config.inner_lr,
-                           inner_steps=config.inner_steps, inner_optimizer=config.inner_optimizer,
-                           prox_schedule=config.prox_schedule)
+    def make_problem(lam: float) -> IMAMLProblem:
+        return IMAMLProblem(forward, loss, lam=lam, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
+                            inner_optimizer=config.inner_optimizer, prox_schedule=config.prox_schedule)
+
+    problem = make_problem(config.lam)
+    eval_problem = problem if config.eval_lam is None else make_problem(config.eval_lam)
     solver = make_solver(config.solver, config.cg_steps, config.damping) if config.mode == "implicit" else None
-    return Experiment(problem, init, train, test, solver, config.dataset == "omniglot")
+    return Experiment(problem, init, train, test, solver, config.dataset == "omniglot", eval_problem)

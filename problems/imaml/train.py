@@ -56,7 +56,7 @@ def evaluate(exp: Experiment, theta: Params, n_tasks: int, chunk: int, device: t
     while done < n_tasks:
         size = min(chunk, n_tasks - done)
         tasks = sampler.sample(rng, size, device)
-        out = adapt(exp.problem, theta, tasks)
+        out = adapt(exp.eval_problem, theta, tasks)
         parts["loss_before"].append(out.loss_before)
         parts["loss_after"].append(out.loss_after)
         if exp.classification:
@@ -226,9 +226,9 @@ def _finish(config: Config, exp: Experiment, theta: Params, device: torch.device
     if exp.classification and config.ways == 20 and config.shots == 1:
         from bilevel.problems.imaml.evaluation import official_runs_accuracy
 
-        final["official_runs"] = official_runs_accuracy(exp.problem, theta, config.data_dir, device)
+        final["official_runs"] = official_runs_accuracy(exp.eval_problem, theta, config.data_dir, device)
     (out / "final.json").write_text(json.dumps(final, indent=2) + "\n")
     plots.learning_curves(out / METRICS, out / "learning_curves.png", classification=exp.classification)
     if not exp.classification:
-        plots.sinusoid_fits(exp.problem, theta, exp.test_tasks, out / "sinusoid_fits.png", seed=config.seed)
+        plots.sinusoid_fits(exp.eval_problem, theta, exp.test_tasks, out / "sinusoid_fits.png", seed=config.seed)
     return final
