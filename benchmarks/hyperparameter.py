@@ -35,7 +35,7 @@ import torch
 
 import bilevel
 from bilevel.problems.hyperparameter.cleaning import HyperCleaning, corrupt_labels
-from bilevel.problems.hyperparameter.experiment import run_experiment
+from bilevel.problems.hyperparameter.experiment import run_experiment, selected_record
 from bilevel.problems.hyperparameter.l2 import PerFeatureL2
 from bilevel.problems.hyperparameter.linear import accuracy, mean_loss, minimize
 from bilevel.problems.hyperparameter.mnist import load_mnist
@@ -124,7 +124,7 @@ def ours(args, budget: float) -> dict:
     with open(Path(args.out) / "metrics.jsonl") as fh:
         records = [json.loads(line) for line in fh]
     in_time = [r for r in records if r["time"] <= budget] or records[:1]
-    chosen = min(in_time, key=lambda r: (r["select_loss"], -r["step"])) if args.select_fraction else in_time[-1]
+    chosen = selected_record(in_time)
     return {"method": "per-feature L2 by HOAG (bilevel)", "seconds": in_time[-1]["time"],
             "test_loss": chosen["test_loss"], "test_acc": chosen["test_acc"], "val_loss": chosen["val_loss"],
             "outer_steps": in_time[-1]["step"], "selected_step": chosen["step"]}

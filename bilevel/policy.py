@@ -17,7 +17,7 @@ from torch import Tensor
 
 from bilevel.errors import BilevelError, ConvergenceError, ConvergenceWarning, NonFiniteError
 from bilevel.pytree import PyTree, tree_leaves
-from bilevel.solvers import SolveResult, is_capturing, is_vmapped
+from bilevel.solvers import SolveResult, values_hidden
 
 OnFailure = Literal["warn", "raise", "ignore"]
 ON_FAILURE = ("warn", "raise", "ignore")
@@ -32,7 +32,7 @@ def host_checks_deferred(*trees: PyTree) -> bool:
     """True when the values are not readable now: a leaf is batched by ``torch.func.vmap``,
     or a CUDA graph is being captured. :func:`bilevel.check_result` checks later."""
     leaves = (t for tree in trees for t in tree_leaves(tree) if isinstance(t, Tensor))
-    return any(is_vmapped(t) or is_capturing(t) for t in leaves)
+    return any(values_hidden(t) for t in leaves)
 
 
 def require_finite(tree: PyTree, where: str, fix: str) -> None:

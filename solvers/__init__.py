@@ -17,7 +17,7 @@ Direct     small systems, ground truth                 LU / least squares
 See ``docs/solvers.md``.
 """
 
-from ._base import LinearSolver, MatVec, Preconditioner, is_capturing, is_vmapped
+from ._base import LinearSolver, MatVec, Preconditioner, is_capturing, is_vmapped, values_hidden
 from ._result import SolveResult, Status
 from .bicgstab import BiCGSTAB
 from .cg import CG
@@ -34,4 +34,5 @@ SOLVERS: dict[str, type] = {"cg": CG, "minres": MINRES, "gmres": GMRES, "bicgsta
 __all__ = [
     "SOLVERS", "BiCGSTAB", "CG", "Direct", "GMRES", "LinearSolver", "MINRES", "MatVec", "Neumann",
     "Preconditioner", "SolveResult", "Status", "hutchinson_diagonal", "is_capturing", "is_vmapped", "jacobi",
+    "values_hidden",
 ]

@@ -30,7 +30,8 @@ from torch import Tensor
 
 from ._result import SolveResult, Status
 
-__all__ = ["IterativeSolver", "LinearSolver", "MatVec", "Preconditioner", "is_capturing", "is_vmapped"]
+__all__ = ["IterativeSolver", "LinearSolver", "MatVec", "Preconditioner", "is_capturing", "is_vmapped",
+           "values_hidden"]
 
 MatVec = Callable[[Tensor], Tensor]
 """Applies ``A`` to a tensor shaped like ``b``."""
@@ -72,6 +73,12 @@ def is_vmapped(t: Tensor) -> bool:
 def is_capturing(t: Tensor) -> bool:
     """True while ``t``'s CUDA stream records a CUDA graph (values exist only at replay)."""
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def values_hidden(t: Tensor) -> bool:
+    """True when Python cannot read ``t``'s values now: under ``vmap`` or during CUDA-graph
+    capture. Host-side decisions (early exits, failure checks) must then be skipped or deferred."""
+    return is_vmapped(t) or is_capturing(t)
 
 
 # ----------------------------------------------------------------- validation
@@ -168,7 +175,7 @@ def all_finished(active: Tensor, iteration: int) -> bool:
     iterations), and off the CPU only every ``_CHECK_EVERY`` iterations to limit
     device syncs.
     """
-    if is_vmapped(active) or is_capturing(active):
+    if values_hidden(active):
         return False
     if active.device.type != "cpu" and iteration % _CHECK_EVERY:
         return False

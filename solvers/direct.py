@@ -70,7 +70,7 @@ class Direct:
         x = x.squeeze(-1)
         lu_ok = (info == 0) & B.finite(x)
         lu_ok = lu_ok & (B.norm(b - (A @ x.unsqueeze(-1)).squeeze(-1)) <= tol)
-        if B.is_vmapped(lu_ok) or B.is_capturing(lu_ok) or not bool(lu_ok.all()):
+        if B.values_hidden(lu_ok) or not bool(lu_ok.all()):
             x_ls = (torch.linalg.pinv(A) @ b.unsqueeze(-1)).squeeze(-1)
             x = B.select(lu_ok, x, x_ls)
 

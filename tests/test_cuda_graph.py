@@ -118,11 +118,9 @@ def test_capture_reads_no_tensor_value_on_the_host(monkeypatch, solver):
     library is told a graph is being recorded, as ``is_capturing`` says on a GPU."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import bilevel.policy
     import bilevel.solvers._base
 
-    monkeypatch.setattr(bilevel.solvers._base, "is_capturing", lambda t: True)
-    monkeypatch.setattr(bilevel.policy, "is_capturing", lambda t: True)
+    monkeypatch.setattr(bilevel.solvers._base, "is_capturing", lambda t: True)  # seen by every host check
     g = torch.Generator().manual_seed(0)
     real = (torch.randn(30, 6, generator=g), torch.randn(30, generator=g), torch.randn(6, generator=g))
     with FakeTensorMode() as mode:
@@ -131,3 +129,12 @@ def test_capture_reads_no_tensor_value_on_the_host(monkeypatch, solver):
         out = bilevel.hypergradient(_Ridge(), theta, data, solver=solver)
         unrolled = bilevel.hypergradient(_Ridge(), theta, data, mode="unrolled")
     assert out.grad.shape == unrolled.grad.shape == ()
+
+
+def test_values_hidden_under_vmap_and_not_on_plain_cpu_tensors():
+    from bilevel.solvers import values_hidden
+
+    assert not values_hidden(torch.ones(3))
+    seen = []
+    torch.func.vmap(lambda t: seen.append(values_hidden(t)) or t)(torch.ones(2, 3))
+    assert seen == [True]

@@ -65,6 +65,15 @@ def test_held_out_selection_keeps_the_step_with_the_lowest_held_out_loss(tmp_pat
         run([*argv[:-1], str(tmp_path / "bad"), "--select-fraction", "1.5"])
 
 
+def test_selected_record_prefers_the_lowest_held_out_loss_then_the_later_step():
+    from bilevel.problems.hyperparameter.experiment import selected_record
+
+    rows = [{"step": 0, "select_loss": 0.5}, {"step": 1, "select_loss": 0.3}, {"step": 2, "select_loss": 0.3},
+            {"step": 3, "select_loss": 0.4}]
+    assert selected_record(rows)["step"] == 2
+    assert selected_record([{"step": 0}, {"step": 1}])["step"] == 1
+
+
 def test_resume_errors_name_the_fix(tmp_path, shared_data):
     common = ["l2", "--dataset", "german", "--data-dir", str(shared_data), "--no-progress", "--no-plot",
               "--out", str(tmp_path), "--steps", "1"]

@@ -26,7 +26,7 @@ from .outer import HOAG, HOAGState, StepInfo
 from .plot import plot_run
 from .tasks import Task
 
-__all__ = ["run_experiment", "RUN_KEYS"]
+__all__ = ["run_experiment", "selected_record", "RUN_KEYS"]
 
 RUN_KEYS = frozenset({"out", "resume", "steps", "max_time", "checkpoint_every", "progress", "threads", "plot",
                       "data_dir", "download", "device"})
@@ -71,7 +71,9 @@ def _resume(ckpt_path: Path, metrics_path: Path, config: dict[str, Any],
     return state, ckpt["elapsed"], records
 
 
-def _selected(records: list[dict[str, Any]]) -> dict[str, Any]:
+def selected_record(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's answer among ``records``: the lowest ``select_loss`` (the later step on a tie),
+    or the last record when the run holds out no selection set."""
     if "select_loss" not in records[-1]:
         return records[-1]
     return min(records, key=lambda r: (r["select_loss"], -r["step"]))
@@ -119,7 +121,7 @@ def run_experiment(settings: dict[str, Any], build: Callable[[dict[str, Any]], T
                 _save(ckpt_path, state, elapsed, config)
     bar.close()
     _save(ckpt_path, state, elapsed, config)
-    result = {"final": records[-1], "selected": _selected(records)}
+    result = {"final": records[-1], "selected": selected_record(records)}
     summary = {**result, "settings": {k: v for k, v in settings.items() if k != "progress"}}
     _atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     if settings["plot"]:
