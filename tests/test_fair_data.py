@@ -14,14 +14,15 @@ def communities(shared_data):
 
 
 def test_communities_tasks_are_states_with_median_labels_and_both_groups(communities):
-    assert len(communities) >= 20
+    assert len(communities) >= 15
+    # states whose crime rates are all missing (0 in PDFM's csv) are not tasks
+    assert not {"IL", "MI", "MN"} & {t.name for t in communities}
     for task in communities:
         assert task.x.shape == (len(task), 97)  # 98 PDFM features minus x23
         assert set(task.y.unique().tolist()) <= {0.0, 1.0} and set(task.z.unique().tolist()) == {0.0, 1.0}
         # label 1 strictly above the task median: at most half the rows (fewer with ties)
-        assert task.y.mean() <= 0.5
+        assert 0.4 < task.y.mean() <= 0.5
         torch.testing.assert_close(task.x.mean(0), torch.zeros(97, dtype=torch.float64), atol=1e-10, rtol=0)
-    assert sum(float(t.y.mean()) for t in communities) / len(communities) > 0.4
 
 
 @pytest.mark.parametrize("name", [d for d in DATASETS if d != "communities"])
@@ -42,7 +43,7 @@ def test_split_is_disjoint_and_seeded(communities):
     assert [t.name for t in split_tasks(communities, 0.2, seed=3)[1]] == [t.name for t in test]
 
 
-def evaluation_episodes_have_disjoint_support_and_query(communities):
+def test_episodes_have_disjoint_support_and_query(communities):
     g = torch.Generator().manual_seed(0)
     batch = sample_episodes(communities, 4, 10, 7, g)
     assert batch["xs"].shape == (4, 10, 97) and batch["yq"].shape == (4, 7)

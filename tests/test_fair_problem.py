@@ -32,8 +32,8 @@ def outer_point(d: int = 4, seed: int = 1) -> dict:
 
 
 # the constraint active (c small) and inactive (c large) at the saddle point
-PROBLEMS = [FairMetaProblem(c=0.01, inner_steps=2000, inner_tol=1e-12, outer_fair_weight=0.5),
-            FairMetaProblem(c=5.0, inner_steps=2000, inner_tol=1e-12)]
+PROBLEMS = [FairMetaProblem(c=0.01, inner_steps=50, inner_tol=1e-12, outer_fair_weight=0.5),
+            FairMetaProblem(c=5.0, inner_steps=50, inner_tol=1e-12)]
 
 
 @pytest.mark.parametrize("problem", PROBLEMS, ids=["active", "inactive"])
@@ -83,7 +83,7 @@ def test_best_response_maximizes_the_lagrangian_and_tends_to_the_projected_step(
 
 
 def test_vmapped_meta_batch_matches_task_by_task():
-    problem, outer = FairMetaProblem(c=0.01, inner_steps=300), outer_point()
+    problem, outer = FairMetaProblem(c=0.01, inner_steps=30), outer_point()
     tasks = [small_task(seed) for seed in range(3)]
     batch = {k: torch.stack([t[k] for t in tasks]) for k in tasks[0]}
     solver = MINRES(rtol=1e-10, maxiter=20)
@@ -104,7 +104,7 @@ def test_rejects_parameters_that_break_uniqueness():
 
 def test_task_constraint_set_uses_query_inputs_but_never_query_labels():
     outer, data = outer_point(), small_task()
-    problem = FairMetaProblem(c=0.0, constraint_set="task", inner_steps=500, inner_tol=1e-12)
+    problem = FairMetaProblem(c=0.0, constraint_set="task", inner_steps=50, inner_tol=1e-12)
 
     def adapted(d):
         return problem.solve_inner(outer, d, problem.initial_inner(outer, d))["model"]
@@ -112,13 +112,13 @@ def test_task_constraint_set_uses_query_inputs_but_never_query_labels():
     base = adapted(data)
     flipped = adapted({**data, "yq": 1 - data["yq"]})
     torch.testing.assert_close(base, flipped, rtol=0, atol=0)
-    support_only = FairMetaProblem(c=0.0, inner_steps=500, inner_tol=1e-12)
+    support_only = FairMetaProblem(c=0.0, inner_steps=50, inner_tol=1e-12)
     other = support_only.solve_inner(outer, data, support_only.initial_inner(outer, data))["model"]
     assert float((base["w"] - other["w"]).abs().max()) > 1e-4  # the query inputs do enter the constraint
 
 
 def test_task_constraint_set_meta_gradient_matches_finite_differences():
-    problem = FairMetaProblem(c=0.01, constraint_set="task", inner_steps=2000, inner_tol=1e-12,
+    problem = FairMetaProblem(c=0.01, constraint_set="task", inner_steps=50, inner_tol=1e-12,
                               outer_fair_weight=0.5)
     report = check_hypergradient(problem, outer_point(), small_task(), solver=MINRES(rtol=1e-12),
                                  references=("finite_differences", "direct"), rtol=1e-5, eps=1e-5)

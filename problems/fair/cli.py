@@ -43,7 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--outer-fair-weight", type=float, default=1.0,
                    help="weight of the query constraint violation in the fair outer loss (default 1)")
     p.add_argument("--inner-steps", type=int, default=150,
-                   help="inner iterations of the fair and iMAML solves (default 150)")
+                   help="Nesterov iterations of the iMAML inner solve (default 150)")
+    p.add_argument("--newton-steps", type=int, default=30,
+                   help="damped Newton iterations of the fair saddle-point solve (default 30)")
     p.add_argument("--solver", default="minres", choices=("minres", "gmres", "direct", "cg"),
                    help="adjoint solver of the fair method (default minres; cg reports negative curvature)")
     p.add_argument("--episodes", type=int, default=20, help="evaluation episodes per meta-test task")
@@ -80,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
                          meta_batch=args.meta_batch, steps=args.steps, meta_lr=args.meta_lr, prox=args.prox,
                          mu=args.mu, delta=args.delta, constraint_set=args.constraint_set,
                          outer_fair_weight=args.outer_fair_weight, inner_steps=args.inner_steps,
+                         newton_steps=args.newton_steps,
                          solver=args.solver, seed=args.seed)
             tag = method if c is None else f"{method}_c{c:g}"
             if tag in done:

@@ -21,7 +21,11 @@ PDFM (Zhao et al., ICDM 2020) binarize the Communities and Crime target per
 task: ``y = 1`` when the raw value is strictly above the task's median; we do
 the same, and apply the same rule to LSAC, whose csv holds a raw continuous
 score. The Communities column ``x23`` (one missing value) is dropped, as in
-PDFM. Features are standardized within each task (PDFM's preprocessing);
+PDFM. Communities rows whose crime rate is exactly 0 are dropped as missing:
+UCI leaves the violent-crime rate missing where a state's rape counts were
+contested, and PDFM's csv holds those as 0 (every row of Illinois and Michigan,
+59 of Minnesota's 66); UCI's normalized release omits the same communities.
+Left in, they made whole tasks single-class, with labels that carry no signal. Features are standardized within each task (PDFM's preprocessing);
 constant features become zero. Categorical raw columns enter as their
 category codes, standardized. Bank's ``duration`` is left out (it is only
 known after the call, so it leaks the label).
@@ -102,12 +106,13 @@ def _group(keys: list[str], x: np.ndarray, y: np.ndarray, z: np.ndarray, binariz
     return tasks
 
 
-def _pdfm(path: Path, drop: tuple[str, ...]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+def _pdfm(path: Path, drop: tuple[str, ...],
+          zero_is_missing: bool = False) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     header = rows[0]
     keep = [j for j, h in enumerate(header) if h.startswith("x") and h not in drop]
-    body = rows[1:]
+    body = [r for r in rows[1:] if not (zero_is_missing and float(r[2]) == 0)]
     x = np.array([[float(r[j]) for j in keep] for r in body])
     return [r[0] for r in body], x, np.array([float(r[2]) for r in body]), np.array([float(r[1]) for r in body])
 
@@ -161,7 +166,7 @@ def load_tasks(dataset: str, root: str | os.PathLike | None = None, *, min_rows:
     """Load ``dataset`` (one of :data:`DATASETS`) as a list of tasks, sorted by name."""
     root = data_dir(root)
     if dataset == "communities":
-        raw, per_task = _pdfm(root / "pdfm" / "communities_and_crime.csv", drop=("x23",)), True
+        raw, per_task = _pdfm(root / "pdfm" / "communities_and_crime.csv", drop=("x23",), zero_is_missing=True), True
     elif dataset == "lsac":
         raw, per_task = _pdfm(root / "pdfm" / "lsac.csv", drop=()), True
     elif dataset == "adult":

@@ -55,6 +55,7 @@ class Config:
     outer_fair_weight: float = 1.0
     constraint_set: str = "support"
     inner_steps: int = 100
+    newton_steps: int = 30
     solver: str = "minres"
     maml_lr: float = 0.1
     maml_steps: int = 5
@@ -86,7 +87,7 @@ def build_method(cfg: Config) -> Method:
     if cfg.method == "fair":
         problem = FairMetaProblem(cfg.c, prox=cfg.prox, mu=cfg.mu, delta=cfg.delta, barrier=cfg.barrier,
                                   outer_fair_weight=cfg.outer_fair_weight, constraint_set=cfg.constraint_set,
-                                  inner_steps=cfg.inner_steps)
+                                  inner_steps=cfg.newton_steps)
         if cfg.solver not in SOLVERS:
             raise ValueError(f"unknown solver {cfg.solver!r}; choose one of {sorted(SOLVERS)}")
         return Method(problem, "implicit", SOLVERS[cfg.solver]())
