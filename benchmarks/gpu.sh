@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu.sh OUT_DIR OMNIGLOT_DIR [PART ...]
 #
-# PART is any of: tests smoke memory bench4 bench32 omniglot (default: all but omniglot).
+# PART is any of: tests smoke memory bench4 bench32 fair omniglot (default: all but omniglot).
 # OMNIGLOT_MINUTES (default 4) sets the wall-clock budget of the Omniglot run and
 # OMNIGLOT_ARGS adds options to it (e.g. "--prox-schedule last_step --damping 22").
 # Each part has its own time limit, so one failure does not stop the others.
@@ -11,7 +11,7 @@ set -u
 out=${1:?usage: gpu.sh OUT_DIR OMNIGLOT_DIR [PART ...]}
 data=${2:?usage: gpu.sh OUT_DIR OMNIGLOT_DIR [PART ...]}
 shift 2
-parts=${*:-tests smoke memory bench4 bench32}
+parts=${*:-tests smoke memory bench4 bench32 fair}
 root=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -22,9 +22,12 @@ python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, 
 for part in $parts; do
   start=$(date +%s)
   case $part in
-    tests)  # CUDA-graph replays equal eager results
-      (cd "$root" && timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py) \
-        > "$out/tests.log" 2>&1 ;;
+    tests)  # CUDA-graph replays equal eager results; fair training on CUDA equals CPU
+      (cd "$root" && timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py \
+         tests/test_fair_train.py -k "cuda or graph") > "$out/tests.log" 2>&1 ;;
+    fair)  # the transductive Communities comparison of docs/fair.md, on the GPU
+      (cd "$root" && timeout 400 bilevel fair --dataset communities --k-shot 10 --constraint-set task --mu 0.001 \
+         --delta 0.005 --c 0 0.05 0.2 --device cuda --no-progress --out "$out/fair_cc_task") > "$out/fair.log" 2>&1 ;;
     bench4)  # time per meta-gradient against the peers, meta-batch 4
       (cd "$root/benchmarks" &&
        timeout 600 python3 hypergradient.py --device cuda --problems sinusoid conv --steps 5 80 --tasks 4 \

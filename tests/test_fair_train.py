@@ -84,3 +84,28 @@ def test_constraint_set_reaches_both_constrained_methods_and_the_cli(tmp_path, s
                  "--inner-steps", "20", "--no-progress", "--out", str(out)]) == 0
     config = torch.load(out / "fair_c0.pt", weights_only=False)["config"]
     assert config["constraint_set"] == "task"
+
+
+def test_cli_device_errors_name_the_fix(tmp_path, capsys):
+    args = ["fair", "--steps", "1", "--no-progress", "--out", str(tmp_path)]
+    assert main(args + ["--device", "gpu0"]) == 2
+    assert "is not a torch device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(args + ["--device", "cuda"]) == 2
+        assert "no usable CUDA device; use --device cpu" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["fair", "pdfm"])
+def test_training_on_cuda_matches_cpu(tmp_path, method):
+    from bilevel.problems.fair.data import to_device
+    cfg = Config(method=method, c=0.01, k_shot=6, n_query=6, meta_batch=2, steps=3, newton_steps=20)
+    tasks = synthetic_tasks()
+    on_cpu = train(cfg, tasks, tmp_path / "cpu", progress=False)
+    on_gpu = train(cfg, to_device(tasks, "cuda"), tmp_path / "gpu", progress=False)
+    for a, b in zip(torch.utils._pytree.tree_leaves(on_cpu), torch.utils._pytree.tree_leaves(on_gpu)):
+        assert b.device.type == "cuda"
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-6, atol=1e-8)
+    cpu_eval = evaluate(cfg, on_cpu, tasks[:1], episodes=2)["summary"]["accuracy"]["mean"]
+    gpu_eval = evaluate(cfg, on_gpu, to_device(tasks[:1], "cuda"), episodes=2)["summary"]["accuracy"]["mean"]
+    assert abs(cpu_eval - gpu_eval) < 1e-6

@@ -51,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--episodes", type=int, default=20, help="evaluation episodes per meta-test task")
     p.add_argument("--test-fraction", type=float, default=0.3, help="share of tasks held out for meta-test")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--data-dir", default=None, help="data folder (default: $BILEVEL_DATA_DIR or ../shared/data)")
     p.add_argument("--out", default="runs/fair", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
@@ -58,17 +59,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _device(name: str | None) -> "torch.device":
+    """``--device``: the named device (checked to exist), else cuda when available, else cpu."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r} is not a torch device ({err}); use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch has no usable CUDA device; use --device cpu")
+    return device
+
+
 def run(args: argparse.Namespace) -> int:
-    from .data import load_tasks, split_tasks
+    from .data import load_tasks, split_tasks, to_device
     from .plot import tradeoff_plot
     from .train import Config, evaluate, train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = load_tasks(args.dataset, args.data_dir, min_rows=args.k_shot + args.n_query)
-    train_tasks, test_tasks = split_tasks(tasks, args.test_fraction, args.seed)
+    device = _device(args.device)
+    train_tasks, test_tasks = (to_device(part, device) for part in split_tasks(tasks, args.test_fraction, args.seed))
     print(f"{args.dataset}: {len(train_tasks)} meta-train tasks, {len(test_tasks)} meta-test tasks, "
-          f"{tasks[0].x.shape[1]} features")
+          f"{tasks[0].x.shape[1]} features, on {device}")
     results_path = out / "results.jsonl"
     done = {}
     if args.resume and results_path.exists():

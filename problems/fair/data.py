@@ -25,8 +25,9 @@ PDFM. Communities rows whose crime rate is exactly 0 are dropped as missing:
 UCI leaves the violent-crime rate missing where a state's rape counts were
 contested, and PDFM's csv holds those as 0 (every row of Illinois and Michigan,
 59 of Minnesota's 66); UCI's normalized release omits the same communities.
-Left in, they made whole tasks single-class, with labels that carry no signal. Features are standardized within each task (PDFM's preprocessing);
-constant features become zero. Categorical raw columns enter as their
+Left in, they made whole tasks single-class, with labels that carry no signal.
+Features are standardized within each task (PDFM's preprocessing); constant
+features become zero. Categorical raw columns enter as their
 category codes, standardized. Bank's ``duration`` is left out (it is only
 known after the call, so it leaks the label).
 
@@ -48,8 +49,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DATASETS", "Task", "data_dir", "load_tasks", "split_tasks", "sample_episodes", "evaluation_episodes",
-           "synthetic_tasks", "halves"]
+__all__ = ["DATASETS", "Task", "data_dir", "load_tasks", "split_tasks", "to_device", "sample_episodes",
+           "evaluation_episodes", "synthetic_tasks", "halves"]
 
 DATASETS = ("communities", "lsac", "adult", "bank", "compas")
 
@@ -193,7 +194,14 @@ def split_tasks(tasks: list[Task], test_fraction: float = 0.2, seed: int = 0) ->
     return [tasks[i] for i in order[n_test:]], [tasks[i] for i in order[:n_test]]
 
 
+def to_device(tasks: list[Task], device: torch.device | str) -> list[Task]:
+    """The tasks with their tensors on ``device``; episodes drawn from them (the draws
+    themselves stay on the CPU generator, so they do not depend on the device) live there too."""
+    return [Task(t.name, t.x.to(device), t.y.to(device), t.z.to(device)) for t in tasks]
+
+
 def _pick(task: Task, idx: Tensor, prefix: str) -> dict[str, Tensor]:
+    idx = idx.to(task.x.device)
     return {f"x{prefix}": task.x[idx], f"y{prefix}": task.y[idx], f"z{prefix}": task.z[idx]}
 
 

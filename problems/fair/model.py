@@ -16,9 +16,9 @@ Params = dict[str, Tensor]
 CONSTRAINT_SETS = ("support", "task")
 
 
-def init_params(dim: int, dtype: torch.dtype = torch.float64) -> Params:
+def init_params(dim: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Params:
     """All-zero weights and bias (the prediction 1/2 everywhere)."""
-    return {"w": torch.zeros(dim, dtype=dtype), "b": torch.zeros((), dtype=dtype)}
+    return {"w": torch.zeros(dim, dtype=dtype, device=device), "b": torch.zeros((), dtype=dtype, device=device)}
 
 
 def score(params: Params, x: Tensor) -> Tensor:

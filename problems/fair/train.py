@@ -102,8 +102,9 @@ def build_method(cfg: Config) -> Method:
     raise ValueError(f"unknown method {cfg.method!r}; choose one of {METHODS}")
 
 
-def initial_outer(dim: int, cfg: Config) -> dict:
-    return {"theta": init_params(dim), "lambda0": torch.tensor(cfg.lambda0, dtype=torch.float64)}
+def initial_outer(dim: int, cfg: Config, device: torch.device | str | None = None) -> dict:
+    return {"theta": init_params(dim, device=device),
+            "lambda0": torch.tensor(cfg.lambda0, dtype=torch.float64, device=device)}
 
 
 def _leaves(outer: dict) -> list[torch.Tensor]:
@@ -142,13 +143,15 @@ def train(cfg: Config, tasks: list[Task], out: Path, *, resume: bool = False, pr
 
     Writes ``out/<tag>.jsonl`` (one record every ``log_every`` steps) and the
     checkpoint ``out/<tag>.pt``; with ``resume`` an existing checkpoint is
-    continued exactly and log records after it are dropped.
+    continued exactly and log records after it are dropped. Runs on the device
+    of the tasks' tensors (see :func:`~bilevel.problems.fair.data.to_device`).
     """
     tag = tag or f"{cfg.method}_c{cfg.c:g}"
     out.mkdir(parents=True, exist_ok=True)
     log_path, ckpt_path = out / f"{tag}.jsonl", out / f"{tag}.pt"
     method = build_method(cfg)
-    outer = initial_outer(tasks[0].x.shape[1], cfg)
+    device = tasks[0].x.device
+    outer = initial_outer(tasks[0].x.shape[1], cfg, device)
     leaves = _leaves(outer)
     for t in leaves:
         t.requires_grad_(True)
@@ -157,7 +160,7 @@ def train(cfg: Config, tasks: list[Task], out: Path, *, resume: bool = False, pr
     generator = torch.Generator().manual_seed(cfg.seed)
     start = 0
     if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=False, map_location=device)
         if state["config"] != asdict(cfg):
             raise ValueError(f"{ckpt_path} was written with a different configuration; remove it or "
                              "rerun without --resume")
