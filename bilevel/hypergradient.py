@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from bilevel.adjoint import AdjointOperator
 from bilevel.errors import BilevelError
 from bilevel.policy import (OnFailure, check_inner_residual, check_solve, host_checks_deferred, require_finite,
                             validate_on_failure)
@@ -182,14 +183,12 @@ def _implicit(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | 
 
     b, unravel = ravel(d_inner)
 
-    def adjoint_matvec(v: Tensor) -> Tensor:  # (d_phi G)^T v
-        return ravel(vjp_fn(unravel(v))[0])[0]
-
+    adjoint_matvec = AdjointOperator(vjp_fn, unravel)
     if adjoint_x0 is not None and adjoint_x0.shape != b.shape:
         raise BilevelError(f"adjoint_x0 has shape {tuple(adjoint_x0.shape)} but the adjoint system has "
                            f"{tuple(b.shape)} unknowns; pass a previous result.solve.x")
     solve = solver(adjoint_matvec, b, adjoint_x0)
-    _, cross = vjp_fn(unravel(solve.x))
+    (cross,) = adjoint_matvec.cross(solve.x)
     grad = tree_map(lambda direct, indirect: direct - indirect, d_outer, cross)
     return HypergradientResult(grad, inner, loss.detach(), tree_norm(residual).detach(), solve)
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from bilevel.adjoint import AdjointOperator
 from bilevel.errors import BilevelError
 from bilevel.policy import (OnFailure, check_inner_residual, check_solve, host_checks_deferred, require_finite,
                             validate_on_failure)
@@ -88,11 +89,9 @@ class _ImplicitRoot(torch.autograd.Function):
         cotangent = [torch.zeros_like(p) if g is None else g for p, g in zip(phi_leaves, grad_phi)]
         b, unravel = ravel(pytree.tree_unflatten(cotangent, spec.phi_spec))
 
-        def adjoint_matvec(v: Tensor) -> Tensor:  # (d_phi G)^T v
-            return ravel(vjp_fn(unravel(v))[0])[0]
-
+        adjoint_matvec = AdjointOperator(vjp_fn, unravel)
         solve = spec.solver(adjoint_matvec, b)
-        cross = vjp_fn(unravel(solve.x))[1:]
+        cross = adjoint_matvec.cross(solve.x)
         if not host_checks_deferred(b, residual, *phi_leaves):
             check_solve(solve, spec.on_failure)
             check_inner_residual(tree_norm(residual), spec.residual_tol, spec.on_failure)

@@ -108,6 +108,31 @@ def test_linearization_built_once_and_one_vjp_per_iteration():
     assert rel(result.grad, ridge_reference(torch.zeros(4, dtype=DT), data)) < 1e-10
 
 
+def test_cross_term_reuses_the_solvers_last_application(monkeypatch):
+    """Exactly one VJP per CG iteration plus the true residual's: (d_theta G)^T v is taken from that
+    last application at the solution, and equals a fresh VJP (Direct never applies the operator at x)."""
+    calls = {"vjp": 0}
+    real_vjp = torch.func.vjp
+
+    def counting_vjp(fn, *primals):
+        out, vjp_fn = real_vjp(fn, *primals)
+
+        def counted(cotangent):
+            calls["vjp"] += 1
+            return vjp_fn(cotangent)
+        return out, counted
+
+    monkeypatch.setattr(torch.func, "vjp", counting_vjp)
+    lam, data = torch.full((4,), 0.3, dtype=DT), make_data()
+    iterative = bilevel.hypergradient(ClosedFormRidge(), lam, data, solver=CG(rtol=1e-12))
+    assert calls["vjp"] == int(iterative.solve.iterations) + 1
+    calls["vjp"] = 0
+    direct = bilevel.hypergradient(ClosedFormRidge(), lam, data, solver=Direct())
+    assert calls["vjp"] >= 1
+    torch.testing.assert_close(iterative.grad, direct.grad, rtol=1e-9, atol=1e-12)
+    assert rel(iterative.grad, ridge_reference(lam, data)) < 1e-9
+
+
 def test_vmap_over_meta_batch_equals_loop():
     data = make_data()
     lams = torch.randn(5, 4, generator=torch.Generator().manual_seed(1), dtype=DT) * 0.3
