@@ -35,6 +35,7 @@ from bilevel.policy import (OnFailure, check_inner_residual, check_solve, host_c
 from bilevel.problem import BilevelProblem, scalar_objective
 from bilevel.pytree import PyTree, check_devices_and_dtypes, check_same_structure, ravel, tree_map, tree_norm
 from bilevel.solvers import CG, LinearSolver, SolveResult
+from bilevel.solvers._base import IterativeSolver
 from bilevel.solvers._result import register_result_pytree
 
 __all__ = ["HypergradientResult", "hypergradient", "check_result", "MODES"]
@@ -183,7 +184,7 @@ def _implicit(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | 
 
     b, unravel = ravel(d_inner)
 
-    adjoint_matvec = AdjointOperator(vjp_fn, unravel)
+    adjoint_matvec = AdjointOperator(vjp_fn, unravel, reuse_last=isinstance(solver, IterativeSolver))
     if adjoint_x0 is not None and adjoint_x0.shape != b.shape:
         raise BilevelError(f"adjoint_x0 has shape {tuple(adjoint_x0.shape)} but the adjoint system has "
                            f"{tuple(b.shape)} unknowns; pass a previous result.solve.x")

@@ -30,6 +30,7 @@ from bilevel.policy import (OnFailure, check_inner_residual, check_solve, host_c
                             validate_on_failure)
 from bilevel.pytree import PyTree, check_same_structure, ravel, tree_norm
 from bilevel.solvers import CG, LinearSolver
+from bilevel.solvers._base import IterativeSolver
 
 __all__ = ["implicit_root"]
 
@@ -89,7 +90,7 @@ class _ImplicitRoot(torch.autograd.Function):
         cotangent = [torch.zeros_like(p) if g is None else g for p, g in zip(phi_leaves, grad_phi)]
         b, unravel = ravel(pytree.tree_unflatten(cotangent, spec.phi_spec))
 
-        adjoint_matvec = AdjointOperator(vjp_fn, unravel)
+        adjoint_matvec = AdjointOperator(vjp_fn, unravel, reuse_last=isinstance(spec.solver, IterativeSolver))
         solve = spec.solver(adjoint_matvec, b)
         cross = adjoint_matvec.cross(solve.x)
         if not host_checks_deferred(b, residual, *phi_leaves):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -131,6 +132,17 @@ def test_cross_term_reuses_the_solvers_last_application(monkeypatch):
     assert calls["vjp"] >= 1
     torch.testing.assert_close(iterative.grad, direct.grad, rtol=1e-9, atol=1e-12)
     assert rel(iterative.grad, ridge_reference(lam, data)) < 1e-9
+
+    def rescaling_solver(matvec, b, x0=None):  # applies A at x, then changes x in place
+        result = CG(rtol=1e-12)(matvec, b)
+        x = result.x.clone()
+        x.mul_(0.5)
+        matvec(x)
+        x.mul_(2.0)
+        return dataclasses.replace(result, x=x)
+
+    custom = bilevel.hypergradient(ClosedFormRidge(), lam, data, solver=rescaling_solver)
+    torch.testing.assert_close(custom.grad, direct.grad, rtol=1e-9, atol=1e-12)
 
 
 def test_vmap_over_meta_batch_equals_loop():
