@@ -16,6 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["register", "run"]
 
@@ -59,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _device(name: str | None) -> "torch.device":
+def _device(name: str | None) -> torch.device:
     """``--device``: the named device (checked to exist), else cuda when available, else cpu."""
     import torch
 
