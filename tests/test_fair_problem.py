@@ -100,6 +100,8 @@ def test_rejects_parameters_that_break_uniqueness():
         FairMetaProblem(prox=0.0)
     with pytest.raises(ValueError, match="barrier must be > 0"):
         FairMetaProblem(barrier=0.0)
+    with pytest.raises(ValueError, match="--newton-steps"):
+        FairMetaProblem(inner_steps=0)
 
 
 def test_task_constraint_set_uses_query_inputs_but_never_query_labels():

@@ -75,6 +75,8 @@ class FairMetaProblem(BilevelProblem):
         for name, value in (("prox", prox), ("mu", mu), ("delta", delta), ("barrier", barrier)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0 for a unique, smooth saddle point; got {value}")
+        if inner_steps < 1:
+            raise ValueError(f"inner_steps (the Newton step cap, --newton-steps) must be >= 1, got {inner_steps}")
         if c < 0 or outer_fair_weight < 0:
             raise ValueError(f"c and outer_fair_weight must be >= 0, got {c} and {outer_fair_weight}")
         if constraint_set not in CONSTRAINT_SETS:
