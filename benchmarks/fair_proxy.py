@@ -32,8 +32,8 @@ import scipy.optimize
 from bilevel.problems.fair.data import load_tasks, split_tasks
 
 
-def fit(x: np.ndarray, y: np.ndarray, reg: float, projection: np.ndarray) -> np.ndarray:
-    """Scores of ``argmin mean BCE(P v, b) + reg/2 |P v|^2`` on the rows ``x``."""
+def ridge_logistic(x: np.ndarray, y: np.ndarray, reg: float, projection: np.ndarray):
+    """``params = (v, b) -> (loss, gradient)`` of ``mean BCE(P v, b) + reg/2 |P v|^2`` on the rows ``x``."""
     def loss_and_grad(params: np.ndarray) -> tuple[float, np.ndarray]:
         w, b = projection @ params[:-1], params[-1]
         s = x @ w + b
@@ -42,25 +42,25 @@ def fit(x: np.ndarray, y: np.ndarray, reg: float, projection: np.ndarray) -> np.
         r = (p - y) / len(y)
         return loss, np.append(projection.T @ (x.T @ r + reg * w), r.sum())
 
-    res = scipy.optimize.minimize(loss_and_grad, np.zeros(x.shape[1] + 1), jac=True, method="L-BFGS-B",
-                                  options={"maxiter": 2000, "gtol": 1e-9})
+    return loss_and_grad
+
+
+def fit(x: np.ndarray, y: np.ndarray, reg: float, projection: np.ndarray) -> np.ndarray:
+    """Scores of ``argmin mean BCE(P v, b) + reg/2 |P v|^2`` on the rows ``x``."""
+    res = scipy.optimize.minimize(ridge_logistic(x, y, reg, projection), np.zeros(x.shape[1] + 1), jac=True,
+                                  method="L-BFGS-B", options={"maxiter": 2000, "gtol": 1e-9})
     return x @ (projection @ res.x[:-1]) + res.x[-1]
 
 
 def fit_parity_bounded(x: np.ndarray, y: np.ndarray, z: np.ndarray, reg: float, bound: float) -> np.ndarray:
     """Scores of ``argmin mean BCE(w, b) + reg/2 |w|^2`` subject to a smoothed parity gap ``<= bound``."""
-    def loss(params: np.ndarray) -> float:
-        w, b = params[:-1], params[-1]
-        s = x @ w + b
-        return float(np.mean(np.logaddexp(0, s) - y * s) + 0.5 * reg * w @ w)
-
     def gap(params: np.ndarray) -> float:
         p = 1 / (1 + np.exp(-(x @ params[:-1] + params[-1])))
         return float(p[z == 1].mean() - p[z == 0].mean())
 
     constraints = [{"type": "ineq", "fun": lambda q: bound - gap(q)}, {"type": "ineq", "fun": lambda q: bound + gap(q)}]
-    res = scipy.optimize.minimize(loss, np.zeros(x.shape[1] + 1), method="SLSQP", constraints=constraints,
-                                  options={"maxiter": 500})
+    res = scipy.optimize.minimize(ridge_logistic(x, y, reg, np.eye(x.shape[1])), np.zeros(x.shape[1] + 1),
+                                  jac=True, method="SLSQP", constraints=constraints, options={"maxiter": 500})
     return x @ res.x[:-1] + res.x[-1]
 
 
