@@ -62,3 +62,14 @@ def test_errors_name_the_fix(shared_data, communities):
         load_tasks("mnist", shared_data)
     with pytest.raises(ValueError, match="lower n_query"):
         sample_episodes(communities, 2, 10, 10_000, torch.Generator())
+
+
+def test_to_device_moves_every_tensor_and_episodes_follow(communities):
+    from bilevel.problems.fair.data import to_device
+    moved = to_device(communities[:3], "meta")
+    assert [t.name for t in moved] == [t.name for t in communities[:3]]
+    assert all(t.x.is_meta and t.y.is_meta and t.z.is_meta for t in moved)
+    assert all(t.x.shape == s.x.shape for t, s in zip(moved, communities))
+    here = sample_episodes(communities[:3], 2, 5, 5, torch.Generator().manual_seed(1))
+    there = sample_episodes(moved, 2, 5, 5, torch.Generator().manual_seed(1))
+    assert all(there[k].is_meta and there[k].shape == here[k].shape for k in here)
