@@ -39,6 +39,36 @@ def test_decoded_images_and_split(data):
     assert len(train) == 1200 and len(test) == 423
 
 
+def test_random_split_is_a_seeded_partition_across_alphabets(data):
+    train, test = data.split(scheme="random")
+    assert len(train) == 1200 and len(test) == 423
+    again_train, _ = data.split(scheme="random")
+    other_train, _ = data.split(scheme="random", seed=2)
+    assert np.array_equal(train, again_train) and not np.array_equal(train, other_train)
+    key = {c.tobytes(): i for i, c in enumerate(data.images)}
+    train_ids = {key[c.tobytes()] for c in train}
+    test_ids = {key[c.tobytes()] for c in test}
+    assert len(train_ids | test_ids) == 1623 and not train_ids & test_ids
+    alphabet = [name.split("/")[1] for name in data.characters]
+    # unlike the default split, most test characters share an alphabet with training ones
+    shared = sum(alphabet[i] in {alphabet[j] for j in train_ids} for i in test_ids)
+    assert shared > 0.9 * len(test_ids)
+    _, default_test = data.split()
+    default_ids = {key[c.tobytes()] for c in default_test}
+    default_train_alphabets = {alphabet[j] for j in set(range(1623)) - default_ids}
+    unseen = sum(alphabet[i] not in default_train_alphabets for i in default_ids)
+    assert unseen >= 382  # the ten alphabets of the official runs
+
+
+def test_unknown_split_scheme_is_refused(data):
+    from bilevel.problems.imaml.config import Config
+
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        data.split(scheme="alphabets")
+    with pytest.raises(ValueError, match="split must be one of"):
+        Config(dataset="omniglot", split="alphabets").resolved()
+
+
 def test_official_runs_characters_are_held_out_of_meta_training(shared_data, data):
     runs = load_official_runs(shared_data / "omniglot", download=False)
     assert len(runs) == 20

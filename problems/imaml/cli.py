@@ -17,13 +17,16 @@ __all__ = ["register", "run"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from bilevel.problems.imaml.config import DATASETS, MODES, SOLVERS, Config
+    from bilevel.problems.imaml.config import DATASETS, MODES, SOLVERS, SPLITS, Config
 
     defaults = Config()
     p = subparsers.add_parser("imaml", help="few-shot meta-learning with implicit meta-gradients (iMAML)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
     p.add_argument("--ways", type=int, default=defaults.ways, help="classes per Omniglot task (default 5)")
+    p.add_argument("--split", choices=SPLITS, default=defaults.split,
+                   help="Omniglot meta-test characters: the official runs' ten alphabets (default, unseen "
+                        "alphabets) or a random 423 of all characters (the MAML/iMAML code's convention)")
     p.add_argument("--channels", type=int, default=defaults.channels, help="filters per conv layer (default 64)")
     p.add_argument("--shots", type=int, help="support examples per class (default 1; sinusoid: 10 points)")
     p.add_argument("--queries", type=int, help="query examples per class (default 5; sinusoid: 10 points)")

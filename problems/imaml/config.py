@@ -8,10 +8,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from bilevel.solvers import SOLVERS
 from typing import Any
 
-__all__ = ["Config", "DATASETS", "MODES", "SOLVERS", "RESUMABLE"]
+from bilevel.problems.imaml.omniglot import SPLITS
+from bilevel.solvers import SOLVERS
+
+__all__ = ["Config", "DATASETS", "MODES", "SOLVERS", "SPLITS", "RESUMABLE"]
 
 DATASETS = ("sinusoid", "omniglot")
 MODES = ("implicit", "unrolled", "first_order")
@@ -34,10 +36,14 @@ class Config:
     one captured CUDA graph (:class:`bilevel.CUDAGraphed`; ``device`` must be CUDA).
     ``eval_lam`` sets the proximal strength of the adaptation in evaluations
     (default ``lam``; the paper's reference code adapts with 0 at test time).
+    ``split`` chooses the Omniglot meta-train/meta-test characters (see
+    :meth:`Omniglot.split`); the official 20-way runs are scored only under the
+    default ``"official-runs"``, where none of their characters is trained on.
     """
 
     dataset: str = "sinusoid"
     ways: int = 5
+    split: str = "official-runs"
     channels: int = 64
     shots: int | None = None
     queries: int | None = None
@@ -72,6 +78,8 @@ class Config:
         """A copy with every ``None`` default filled in and the settings validated."""
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.solver not in SOLVERS:

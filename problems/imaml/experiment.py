@@ -60,7 +60,7 @@ def build(config: Config, omniglot_images: tuple[np.ndarray, np.ndarray] | None 
         if omniglot_images is None:
             from bilevel.problems.imaml.omniglot import load_omniglot
 
-            omniglot_images = load_omniglot(config.data_dir, config.cache_dir).split()
+            omniglot_images = load_omniglot(config.data_dir, config.cache_dir).split(scheme=config.split)
         forward, loss = models.conv4_forward, cross_entropy
         init = models.conv4_init(config.ways, config.channels, generator=generator)
         train = OmniglotTasks(omniglot_images[0], config.ways, config.shots, config.queries, rotations=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["ARCHIVES", "OmniglotError", "Omniglot", "OfficialRun", "content_digest", "data_directory",
-           "cache_directory", "locate_archive", "load_omniglot", "load_official_runs", "IMAGE_SIZE"]
+           "cache_directory", "locate_archive", "load_omniglot", "load_official_runs", "IMAGE_SIZE", "SPLITS"]
 
 IMAGE_SIZE = 28
 OFFICIAL_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
@@ -43,6 +43,7 @@ ARCHIVES = {  # name -> (content digest, path under OFFICIAL_URL)
                      "one-shot-classification/all_runs.zip"),
 }
 DRAWERS = 20
+SPLITS = ("official-runs", "random")
 # The evaluation alphabets that the 20 official one-shot runs draw from (checked against
 # all_runs.zip by pixel identity); Omniglot.split keeps them out of meta-training.
 OFFICIAL_RUN_ALPHABETS = frozenset({
@@ -146,18 +147,30 @@ class Omniglot:
     images: np.ndarray
     characters: tuple[str, ...]
 
-    def split(self, n_train: int = 1200) -> tuple[np.ndarray, np.ndarray]:
+    def split(self, n_train: int = 1200, *, scheme: str = "official-runs",
+              seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """``n_train`` characters for meta-training, the rest for meta-testing.
 
-        Characters are taken in order, except that the ten alphabets of the official
-        one-shot runs come last: with 1200 for training (all 964 background
-        characters and 236 evaluation ones), the 423 test characters hold every
-        character of the official runs, so that evaluation on them is fair.
+        ``scheme="official-runs"`` (the default) takes characters in order, except
+        that the ten alphabets of the official one-shot runs come last: with 1200
+        for training (all 964 background characters and 236 evaluation ones), the
+        423 test characters hold those ten alphabets (382 characters, never seen in
+        meta-training, so evaluation on the official runs is fair) and 41 more.
+
+        ``scheme="random"`` takes a ``seed``-ed random permutation of all 1623
+        characters, the convention of the MAML and iMAML papers' code: test
+        characters then come from alphabets also seen in meta-training (an easier
+        test), and the official runs overlap the training classes.
         """
         if not 0 < n_train < len(self.images):
             raise ValueError(f"n_train must be in 1..{len(self.images) - 1}, got {n_train}")
-        in_runs = np.array([name.split("/")[1] in OFFICIAL_RUN_ALPHABETS for name in self.characters])
-        order = np.concatenate([np.flatnonzero(~in_runs), np.flatnonzero(in_runs)])
+        if scheme == "official-runs":
+            in_runs = np.array([name.split("/")[1] in OFFICIAL_RUN_ALPHABETS for name in self.characters])
+            order = np.concatenate([np.flatnonzero(~in_runs), np.flatnonzero(in_runs)])
+        elif scheme == "random":
+            order = np.random.default_rng(seed).permutation(len(self.images))
+        else:
+            raise ValueError(f"scheme must be one of {SPLITS}, got {scheme!r}")
         return self.images[order[:n_train]], self.images[order[n_train:]]
 
 

@@ -223,7 +223,7 @@ def _finish(config: Config, exp: Experiment, theta: Params, device: torch.device
 
     final: dict[str, Any] = {"config": config.to_dict(), "meta_steps": step,
                              "test": evaluate(exp, theta, config.final_tasks, config.meta_batch, device, config.seed)}
-    if exp.classification and config.ways == 20 and config.shots == 1:
+    if exp.classification and config.ways == 20 and config.shots == 1 and config.split == "official-runs":
         from bilevel.problems.imaml.evaluation import official_runs_accuracy
 
         final["official_runs"] = official_runs_accuracy(exp.eval_problem, theta, config.data_dir, device)
