@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu.sh OUT_DIR OMNIGLOT_DIR [PART ...]
 #
-# PART is any of: tests smoke memory bench4 bench32 fair omniglot (default: all but omniglot).
+# PART is any of: tests smoke memory bench4 bench32 chunking fair omniglot (default: all but omniglot).
 # OMNIGLOT_MINUTES (default 4) sets the wall-clock budget of the Omniglot run and
 # OMNIGLOT_ARGS adds options to it (e.g. "--prox-schedule last_step --damping 22").
 # Each part has its own time limit, so one failure does not stop the others.
@@ -11,7 +11,7 @@ set -u
 out=${1:?usage: gpu.sh OUT_DIR OMNIGLOT_DIR [PART ...]}
 data=${2:?usage: gpu.sh OUT_DIR OMNIGLOT_DIR [PART ...]}
 shift 2
-parts=${*:-tests smoke memory bench4 bench32 fair}
+parts=${*:-tests smoke memory bench4 bench32 chunking fair}
 root=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -39,6 +39,9 @@ for part in $parts; do
          --impls ours-implicit ours-implicit-graph ours-implicit-loop torchopt-implicit \
          --min-time 0.5 --max-time 3 --timeout 60 --converged-max-tasks 0 --out "$out/hg32.jsonl") \
         > "$out/bench32.log" 2>&1 ;;
+    chunking)  # the meta-gradient by vmap chunk size, and one convolution layer vmapped against looped
+      (cd "$root" && timeout 200 python3 benchmarks/chunking.py --device cuda --chunks 0 8 1 --repeats 10 \
+         --out "$out/chunking.jsonl") > "$out/chunking.log" 2>&1 ;;
     memory)  # peak GPU memory of one meta-step against the inner steps, implicit vs unrolled
       (cd "$root" && timeout 90 python3 benchmarks/memory.py --device cuda --steps 5 25 100 --out "$out/memory") \
         > "$out/memory.log" 2>&1 ;;

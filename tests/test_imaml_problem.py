@@ -107,6 +107,19 @@ def test_vmapped_meta_batch_equals_a_loop_over_tasks(mode):
     torch.testing.assert_close(batched.query_loss, torch.stack([r.outer_loss for r in looped]))
     if mode == "implicit":
         assert batched.status.tolist() == [int(r.solve.status) for r in looped]
+    chunked = meta_gradient(problem, theta, tasks, mode=mode, chunk_size=2)
+    torch.testing.assert_close(flat(chunked.grad), flat(batched.grad), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(chunked.query_loss, batched.query_loss)
+
+
+def test_chunked_adaptation_equals_the_whole_batch():
+    problem = IMAMLProblem(conv4_forward, cross_entropy, lam=2.0, inner_lr=0.1, inner_steps=2)
+    theta = {k: v.double() for k, v in conv4_init(3, channels=4, generator=torch.Generator().manual_seed(0)).items()}
+    tasks = conv_tasks(3)
+    tasks = Task(tasks.support_x.double(), tasks.support_y, tasks.query_x.double(), tasks.query_y)
+    whole, one_by_one = adapt(problem, theta, tasks), adapt(problem, theta, tasks, chunk_size=1)
+    for a, b in zip(whole, one_by_one):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_negative_curvature_is_detected_and_counted():

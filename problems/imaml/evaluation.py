@@ -23,17 +23,18 @@ __all__ = ["official_runs_accuracy"]
 
 
 def official_runs_accuracy(problem: IMAMLProblem, theta: Params, data_dir: str | os.PathLike | None = None,
-                           device: torch.device | str = "cpu") -> dict[str, Any]:
+                           device: torch.device | str = "cpu", *, chunk_size: int | None = None) -> dict[str, Any]:
     """Mean accuracy over the 20 runs (with a 95% interval over runs) and each run's accuracy.
 
     ``theta`` must be a 20-way classifier. Batch normalization uses the statistics
-    of the 20 query drawings, as during meta-training.
+    of the 20 query drawings, as during meta-training. ``chunk_size``: as in
+    :func:`~bilevel.problems.imaml.problem.adapt`.
     """
     runs = load_official_runs(data_dir)
     labels = np.arange(20)
     tasks = to_task(np.stack([r.support for r in runs]), np.stack([labels] * len(runs)),
                     np.stack([r.query for r in runs]), np.stack([r.labels for r in runs]), device)
-    out = adapt(problem, theta, tasks)
+    out = adapt(problem, theta, tasks, chunk_size=chunk_size)
     per_run = (out.output_after.argmax(-1) == tasks.query_y).double().mean(-1).cpu()
     return {"accuracy": float(per_run.mean()),
             "accuracy_ci95": float(1.96 * per_run.std() / math.sqrt(len(per_run))),

@@ -22,8 +22,9 @@ __all__ = ["Experiment", "build", "make_solver"]
 
 @dataclass
 class Experiment:
-    """The pieces of a run: problem, initial parameters, samplers, solver, and the problem
-    whose inner solve adapts at evaluation (``problem`` itself unless ``eval_lam`` is set)."""
+    """The pieces of a run: problem, initial parameters, samplers, solver, the problem
+    whose inner solve adapts at evaluation (``problem`` itself unless ``eval_lam`` is set),
+    and how many tasks each ``vmap`` batches (``chunk_size``; ``None``: all)."""
 
     problem: IMAMLProblem
     init: models.Params
@@ -32,6 +33,7 @@ class Experiment:
     solver: Any
     classification: bool
     eval_problem: IMAMLProblem
+    chunk_size: int | None = None
 
 
 def make_solver(name: str, maxiter: int, damping: float) -> Any:
@@ -72,4 +74,5 @@ def build(config: Config, omniglot_images: tuple[np.ndarray, np.ndarray] | None 
     problem = make_problem(config.lam)
     eval_problem = problem if config.eval_lam is None else make_problem(config.eval_lam)
     solver = make_solver(config.solver, config.cg_steps, config.damping) if config.mode == "implicit" else None
-    return Experiment(problem, init, train, test, solver, config.dataset == "omniglot", eval_problem)
+    return Experiment(problem, init, train, test, solver, config.dataset == "omniglot", eval_problem,
+                      config.chunk_size)

@@ -56,7 +56,7 @@ def evaluate(exp: Experiment, theta: Params, n_tasks: int, chunk: int, device: t
     while done < n_tasks:
         size = min(chunk, n_tasks - done)
         tasks = sampler.sample(rng, size, device)
-        out = adapt(exp.eval_problem, theta, tasks)
+        out = adapt(exp.eval_problem, theta, tasks, chunk_size=exp.chunk_size)
         parts["loss_before"].append(out.loss_before)
         parts["loss_after"].append(out.loss_after)
         if exp.classification:
@@ -171,7 +171,8 @@ def train(config: Config, *, resume: bool = False,
     from tqdm import tqdm
 
     def compute(theta: Params, tasks) -> MetaGradient:
-        return meta_gradient(exp.problem, theta, tasks, mode=config.mode, solver=exp.solver)
+        return meta_gradient(exp.problem, theta, tasks, mode=config.mode, solver=exp.solver,
+                             chunk_size=config.chunk_size)
 
     if config.cuda_graph:
         compute = CUDAGraphed(compute)
@@ -226,7 +227,8 @@ def _finish(config: Config, exp: Experiment, theta: Params, device: torch.device
     if exp.classification and config.ways == 20 and config.shots == 1 and config.split == "official-runs":
         from bilevel.problems.imaml.evaluation import official_runs_accuracy
 
-        final["official_runs"] = official_runs_accuracy(exp.eval_problem, theta, config.data_dir, device)
+        final["official_runs"] = official_runs_accuracy(exp.eval_problem, theta, config.data_dir, device,
+                                                         chunk_size=config.chunk_size)
     (out / "final.json").write_text(json.dumps(final, indent=2) + "\n")
     plots.learning_curves(out / METRICS, out / "learning_curves.png", classification=exp.classification)
     if not exp.classification:
