@@ -1,20 +1,23 @@
-"""How many tasks to batch per ``vmap`` call: the iMAML meta-gradient by chunk size.
+"""The iMAML meta-gradient batched over tasks: whole, in chunks, or looped.
 
-``meta_gradient(..., chunk_size=c)`` vmaps over ``c`` tasks at a time. Batching a
-per-task convolution with ``vmap`` turns it into one grouped convolution over the
-tasks; on a CPU those kernels can be slower than separate convolutions, so the
-best chunk size depends on the network and the device. This script times the
-meta-gradient of the Omniglot network (5-way 1-shot, 5 queries, ``K`` inner
-steps, 5 CG steps) and of the sinusoid MLP for several chunk sizes, interleaving
-the variants so that machine noise hits them alike, checks that every variant
+``meta_gradient(..., chunk_size=c)`` vmaps over ``c`` tasks at a time. Batching
+trades memory for speed: a whole vmapped meta-batch holds every task's
+activations at once, and ``vmap`` turns a per-task convolution into one grouped
+convolution, whose speed against separate convolutions depends on the kernels
+of the device. This script times the meta-gradient of the Omniglot network
+(5-way 1-shot, 5 queries, ``K`` inner steps, 5 CG steps) and of the sinusoid MLP
+batched whole, in chunks and as a Python loop over tasks (one
+``bilevel.hypergradient`` each), interleaving the variants so that machine noise
+hits them alike. It reports each one's peak memory (a fresh process's peak RSS on
+a CPU, ``torch.cuda.max_memory_allocated`` on a GPU), checks that every variant
 returns the same meta-gradient (up to float32 rounding, which the 5 CG steps
-amplify; in float64 the chunked results are identical), and times one convolution layer (forward,
-gradient, Hessian-vector product) batched against looped.
+amplify; in float64 they agree exactly), and times one convolution layer
+(forward, gradient, Hessian-vector product) vmapped against looped.
 
     python benchmarks/chunking.py                     # CPU, meta-batch 32, K = 5
-    python benchmarks/chunking.py --device cuda --chunks 0 8 1
+    python benchmarks/chunking.py --device cuda --variants all 8 1 loop
 
-Prints a Markdown table and appends JSON lines to ``results/chunking.jsonl``.
+Prints Markdown tables and appends JSON lines to ``results/chunking.jsonl``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -79,25 +84,61 @@ def _problem_and_tasks(problem: str, tasks: int, steps: int, device: torch.devic
     return prob, theta, batch
 
 
-def meta_gradient_rows(problem: str, tasks: int, steps: int, chunks: list[int], repeats: int,
-                       device: torch.device) -> list[dict]:
+def _variant(problem: str, tasks: int, steps: int, name: str, device: torch.device) -> Callable[[], dict]:
+    """A zero-argument meta-gradient: ``"all"`` (one vmap over the batch), a chunk size
+    (``"8"``: vmap over 8 tasks at a time) or ``"loop"`` (a Python loop over tasks, one
+    ``bilevel.hypergradient`` each, averaged)."""
+    import bilevel
     from bilevel.problems.imaml import meta_gradient
     from bilevel.solvers import CG
 
     prob, theta, batch = _problem_and_tasks(problem, tasks, steps, device)
     solver = CG(rtol=0.0, maxiter=5)
-    label = {c: "all" if c == 0 else str(c) for c in chunks}
+    if name == "loop":
+        def looped() -> dict:
+            grads = [bilevel.hypergradient(prob, theta, batch.index(i), solver=solver, on_failure="ignore").grad
+                     for i in range(tasks)]
+            return {k: torch.stack([g[k] for g in grads]).mean(0) for k in theta}
+        return looped
+    chunk = None if name == "all" else int(name)
+    return lambda: meta_gradient(prob, theta, batch, solver=solver, chunk_size=chunk).grad
 
-    def variant(c: int):
-        return lambda: meta_gradient(prob, theta, batch, solver=solver, chunk_size=c or None).grad
 
-    flat = {c: torch.cat([g.flatten() for g in variant(c)().values()]) for c in chunks}
-    reference = flat[chunks[0]]
-    medians = _interleaved_medians({label[c]: variant(c) for c in chunks}, repeats, device)
-    base = medians[label[chunks[0]]]
-    return [{"part": "meta_gradient", "problem": problem, "tasks": tasks, "inner_steps": steps,
-             "chunk_size": label[c], "time_s": medians[label[c]], "vs_first": medians[label[c]] / base,
-             "rel_diff": float((flat[c] - reference).norm() / reference.norm())} for c in chunks]
+def _peak_memory_mib(problem: str, tasks: int, steps: int, name: str, device: torch.device) -> float:
+    """Peak memory of one meta-gradient: CUDA's max allocated, or a fresh process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        fn = _variant(problem, tasks, steps, name, device)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    run = subprocess.run([sys.executable, __file__, "--one", problem, str(tasks), str(steps), name],
+                         capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"the memory run of {problem}/{name} failed:\n{run.stderr}")
+    return float(run.stdout.split()[-1])
+
+
+def _vm_hwm_mib() -> float:
+    """This address space's peak RSS (``VmHWM``; ``ru_maxrss`` would include the parent's peak,
+    since on Linux it survives fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: peak RSS needs Linux")
+
+
+def meta_gradient_rows(problem: str, tasks: int, steps: int, variants: list[str], repeats: int,
+                       device: torch.device) -> list[dict]:
+    fns = {name: _variant(problem, tasks, steps, name, device) for name in variants}
+    flat = {name: torch.cat([g.flatten() for g in fn().values()]) for name, fn in fns.items()}
+    reference = flat[variants[0]]
+    medians = _interleaved_medians(fns, repeats, device)
+    return [{"part": "meta_gradient", "problem": problem, "tasks": tasks, "inner_steps": steps, "variant": name,
+             "time_s": medians[name], "vs_first": medians[name] / medians[variants[0]],
+             "peak_mib": _peak_memory_mib(problem, tasks, steps, name, device),
+             "rel_diff": float((flat[name] - reference).norm() / reference.norm())} for name in variants]
 
 
 def conv_layer_rows(tasks: int, repeats: int, device: torch.device) -> list[dict]:
@@ -125,16 +166,25 @@ def conv_layer_rows(tasks: int, repeats: int, device: torch.device) -> list[dict
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--one"]:  # a fresh process for one peak-memory measurement on the CPU
+        problem, tasks, steps, name = argv[1:5]
+        _variant(problem, int(tasks), int(steps), name, torch.device("cpu"))()
+        print(_vm_hwm_mib())
+        return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--problems", nargs="+", choices=("conv", "sinusoid"), default=["conv", "sinusoid"])
     p.add_argument("--tasks", type=int, default=32, help="meta-batch (default 32)")
     p.add_argument("--steps", type=int, default=5, help="inner steps K (default 5)")
-    p.add_argument("--chunks", type=int, nargs="+", default=[0, 8, 4, 1],
-                   help="chunk sizes, 0 for the whole meta-batch (default: 0 8 4 1)")
+    p.add_argument("--variants", nargs="+", default=["all", "8", "1", "loop"],
+                   help="'all' (one vmap), a chunk size, or 'loop' (default: all 8 1 loop)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per variant (default 5)")
     p.add_argument("--out", type=Path, default=RESULTS / "chunking.jsonl")
     args = p.parse_args(argv)
+    for name in args.variants:
+        if name not in ("all", "loop") and not (name.isdigit() and int(name) >= 1):
+            p.error(f"variant {name!r} is not 'all', 'loop' or a positive chunk size")
     device = torch.device(args.device)
     machine = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "machine": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -142,16 +192,17 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for problem in args.problems:
-        rows += meta_gradient_rows(problem, args.tasks, args.steps, args.chunks, args.repeats, device)
+        rows += meta_gradient_rows(problem, args.tasks, args.steps, args.variants, args.repeats, device)
     rows += conv_layer_rows(args.tasks, args.repeats, device)
 
+    memory = "peak GPU memory" if device.type == "cuda" else "peak RSS"
     print(f"{machine}\n")
-    print("| problem | meta-batch | K | chunk size | time per meta-gradient | vs first | rel. difference |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| problem | meta-batch | K | variant | time per meta-gradient | vs first | {memory} | rel. difference |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
     for r in rows:
         if r["part"] == "meta_gradient":
-            print(f"| {r['problem']} | {r['tasks']} | {r['inner_steps']} | {r['chunk_size']} | "
-                  f"{r['time_s'] * 1e3:.1f} ms | {r['vs_first']:.2f}x | {r['rel_diff']:.1e} |")
+            print(f"| {r['problem']} | {r['tasks']} | {r['inner_steps']} | {r['variant']} | "
+                  f"{r['time_s'] * 1e3:.1f} ms | {r['vs_first']:.2f}x | {r['peak_mib']:.0f} MiB | {r['rel_diff']:.1e} |")
     print("\n| conv layer, per-task weights | tasks | vmapped | looped | vmapped / looped |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:

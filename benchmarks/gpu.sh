@@ -40,7 +40,7 @@ for part in $parts; do
          --min-time 0.5 --max-time 3 --timeout 60 --converged-max-tasks 0 --out "$out/hg32.jsonl") \
         > "$out/bench32.log" 2>&1 ;;
     chunking)  # the meta-gradient by vmap chunk size, and one convolution layer vmapped against looped
-      (cd "$root" && timeout 200 python3 benchmarks/chunking.py --device cuda --chunks 0 8 1 --repeats 10 \
+      (cd "$root" && timeout 200 python3 benchmarks/chunking.py --device cuda --repeats 10 \
          --out "$out/chunking.jsonl") > "$out/chunking.log" 2>&1 ;;
     memory)  # peak GPU memory of one meta-step against the inner steps, implicit vs unrolled
       (cd "$root" && timeout 90 python3 benchmarks/memory.py --device cuda --steps 5 25 100 --out "$out/memory") \

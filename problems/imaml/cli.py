@@ -47,8 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "plain steps on the support loss (the paper's reference code)")
     p.add_argument("--meta-batch", type=int, help="tasks per meta-step (default 32 Omniglot, 25 sinusoid)")
     p.add_argument("--chunk-size", type=int,
-                   help="tasks batched per vmap call (default: the whole meta-batch; 1 is faster for the "
-                        "Omniglot network on a CPU)")
+                   help="tasks batched per vmap call (default: the whole meta-batch); smaller chunks hold "
+                        "fewer tasks' activations at once, 1 is a loop over tasks")
     p.add_argument("--meta-lr", type=float, default=defaults.meta_lr, help="Adam step (default 1e-3)")
     p.add_argument("--steps", type=int, help="meta-steps (default 1000 sinusoid, 30000 Omniglot)")
     p.add_argument("--max-minutes", type=float,

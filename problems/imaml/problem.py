@@ -152,9 +152,9 @@ def meta_gradient(problem: IMAMLProblem, theta: Params, tasks: Task, *,
     CG steps); a system that is not positive definite stops early with
     ``Status.NEGATIVE_CURVATURE``, counted by :meth:`MetaGradient.count`.
     ``chunk_size`` (``torch.func.vmap``'s argument) batches that many tasks at a
-    time, ``None`` all of them. On a CPU, ``chunk_size=1`` is faster for the
-    convolutional network: a per-task convolution batched by ``vmap`` becomes one
-    grouped convolution, which CPU kernels run slower than separate ones.
+    time, ``None`` all of them: the results are the same, and a smaller chunk
+    holds fewer tasks' activations at once (for memory), usually at some cost
+    in speed (``benchmarks/chunking.py`` measures both).
     No value is read back to the host.
     """
     implicit = mode == "implicit"
