@@ -58,3 +58,19 @@ def test_ours_matches_converged_reference_when_inner_and_cg_converge(impl, tmp_p
     assert set(row["solve_status"]) <= {"CONVERGED", "MAX_ITERATIONS"}  # positive definite: no breakdown
     same_k = refs.same_k("implicit", "sinusoid", 2, 300, 30)
     assert np.linalg.norm(grad - same_k) / np.linalg.norm(same_k) < 1e-4
+
+
+def test_chunking_rows_agree_and_measure_memory(tmp_path):
+    import chunking
+
+    out = tmp_path / "chunking.jsonl"
+    assert chunking.main(["--problems", "sinusoid", "--tasks", "3", "--variants", "all", "2", "loop",
+                          "--repeats", "1", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    grads = [r for r in rows if r["part"] == "meta_gradient"]
+    assert [r["variant"] for r in grads] == ["all", "2", "loop"]
+    for r in grads:
+        assert r["time_s"] > 0 and r["rel_diff"] < 1e-4 and 50 < r["peak_mib"] < 4096
+    assert {r["op"] for r in rows if r["part"] == "conv_layer"} == {"forward", "gradient", "hvp"}
+    with pytest.raises(SystemExit):
+        chunking.main(["--variants", "0"])
