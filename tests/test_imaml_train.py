@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -79,6 +80,16 @@ def test_resume_refuses_changed_settings_and_missing_checkpoints(tmp_path):
         train(Config(steps=4, meta_lr=0.1, out_dir=str(tmp_path), **TINY), resume=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(Config(steps=2, out_dir=str(tmp_path / "new"), **TINY), resume=True)
+
+
+def test_a_checkpoint_older_than_a_setting_resumes_with_that_settings_default():
+    from bilevel.problems.imaml.train import _check_compatible
+
+    config = Config(dataset="omniglot", **TINY).resolved()
+    older = {k: v for k, v in config.to_dict().items() if k not in ("split", "chunk_size")}
+    _check_compatible(older, config)  # both at their defaults: accepted
+    with pytest.raises(ValueError, match=r"split: 'official-runs' -> 'random'"):
+        _check_compatible(older, dataclasses.replace(config, split="random"))
 
 
 def test_config_validation():

@@ -94,9 +94,10 @@ def load_checkpoint(out_dir: str | os.PathLike) -> dict[str, Any]:
 
 def _check_compatible(saved: dict[str, Any], config: Config) -> None:
     current = config.to_dict()
-    changed = [k for k in current if k not in RESUMABLE and saved.get(k) != current[k]]
+    saved = {**Config().to_dict(), **saved}  # a setting newer than the checkpoint had its default
+    changed = [k for k in current if k not in RESUMABLE and saved[k] != current[k]]
     if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        details = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
         raise ValueError(f"cannot resume: settings differ from the checkpoint ({details}); "
                          f"use the original settings or a new --out-dir")
 
