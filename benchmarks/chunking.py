@@ -36,6 +36,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from _rss import status_mib
+
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 
@@ -120,15 +122,6 @@ def _peak_memory_mib(problem: str, tasks: int, steps: int, name: str, device: to
     return float(run.stdout.split()[-1])
 
 
-def _vm_hwm_mib() -> float:
-    """This address space's peak RSS (``VmHWM``; ``ru_maxrss`` would include the parent's peak,
-    since on Linux it survives fork and exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status: peak RSS needs Linux")
-
-
 def meta_gradient_rows(problem: str, tasks: int, steps: int, variants: list[str], repeats: int,
                        device: torch.device) -> list[dict]:
     fns = {name: _variant(problem, tasks, steps, name, device) for name in variants}
@@ -170,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--one"]:  # a fresh process for one peak-memory measurement on the CPU
         problem, tasks, steps, name = argv[1:5]
         _variant(problem, int(tasks), int(steps), name, torch.device("cpu"))()
-        print(_vm_hwm_mib())
+        print(status_mib("VmHWM"))
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")

@@ -47,6 +47,8 @@ import time
 from importlib.util import find_spec
 from pathlib import Path
 
+from _rss import status_mib
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "results"
 
@@ -125,16 +127,12 @@ def _median_time(call, block, min_time: float, max_time: float, min_calls: int =
 
 
 def _rss_mib() -> float:
-    """Peak RSS of this process's address space (``VmHWM``).
-
-    Not ``getrusage``'s ``ru_maxrss``: on Linux that survives fork and exec, so a
-    worker would report its parent's peak.
-    """
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak RSS of this process's address space (``VmHWM``), else ``ru_maxrss`` off Linux."""
+    try:
+        return status_mib("VmHWM")
+    except RuntimeError:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _gpu_peak(cfg: dict, reset: bool = False) -> float | None:

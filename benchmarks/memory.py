@@ -24,13 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("VmRSS not found in /proc/self/status")
+from _rss import status_mib
 
 
 def measure(mode: str, steps: int, meta_batch: int, device: str) -> dict:
@@ -60,7 +54,7 @@ def measure(mode: str, steps: int, meta_batch: int, device: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**20
     else:
-        before = _rss_mib()
+        before = status_mib("VmRSS")
     start = time.perf_counter()
     grad = meta_gradient(problem, theta, tasks, mode=mode).grad
     float(sum(v.sum() for v in grad.values()))  # wait for the result
