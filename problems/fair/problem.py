@@ -145,7 +145,8 @@ class FairMetaProblem(BilevelProblem):
             return torch.func.grad(lagrangian)(v)[:n], schur
 
         def converged(flat: Tensor) -> bool:
-            inner = {"model": unravel(flat), "rho": self.best_rho(unravel(flat), outer, data)}
+            model = unravel(flat)
+            inner = {"model": model, "rho": self.best_rho(model, outer, data)}
             return float(tree_norm(self.optimality(inner, outer, data))) <= self.inner_tol
 
         check = None if host_checks_deferred(outer, data) else converged

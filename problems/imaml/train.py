@@ -173,7 +173,7 @@ def train(config: Config, *, resume: bool = False,
 
     def compute(theta: Params, tasks) -> MetaGradient:
         return meta_gradient(exp.problem, theta, tasks, mode=config.mode, solver=exp.solver,
-                             chunk_size=config.chunk_size)
+                             chunk_size=exp.chunk_size)
 
     if config.cuda_graph:
         compute = CUDAGraphed(compute)
@@ -229,7 +229,7 @@ def _finish(config: Config, exp: Experiment, theta: Params, device: torch.device
         from bilevel.problems.imaml.evaluation import official_runs_accuracy
 
         final["official_runs"] = official_runs_accuracy(exp.eval_problem, theta, config.data_dir, device,
-                                                         chunk_size=config.chunk_size)
+                                                         chunk_size=exp.chunk_size)
     (out / "final.json").write_text(json.dumps(final, indent=2) + "\n")
     plots.learning_curves(out / METRICS, out / "learning_curves.png", classification=exp.classification)
     if not exp.classification:
