@@ -28,8 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import scipy.optimize
+import torch
 
 from bilevel.problems.fair.data import load_tasks, split_tasks
+from bilevel.problems.fair.metrics import accuracy, parity_gap
 
 
 def ridge_logistic(x: np.ndarray, y: np.ndarray, reg: float, projection: np.ndarray):
@@ -65,8 +67,9 @@ def fit_parity_bounded(x: np.ndarray, y: np.ndarray, z: np.ndarray, reg: float, 
 
 
 def metrics(s: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[float, float]:
-    yhat = (s > 0).astype(float)
-    return float((yhat == y).mean()), float(abs(yhat[z == 0].mean() - yhat[z == 1].mean()))
+    """Accuracy and demographic parity gap of the scores ``s`` (as in ``bilevel fair``'s evaluation)."""
+    s, y, z = (torch.from_numpy(np.asarray(v, dtype=np.float64)) for v in (s, y, z))
+    return float(accuracy(s, y)), float(parity_gap(s, z))
 
 
 def main() -> None:
