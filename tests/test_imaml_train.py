@@ -56,7 +56,11 @@ def test_time_budget_stops_at_a_log_step_with_a_checkpoint_and_resume_finishes(t
     assert final["meta_steps"] == TINY["log_every"]
     assert load_checkpoint(tmp_path)["step"] == TINY["log_every"]
     assert "eval" in metrics(tmp_path)[-1]
+    stopped_at = load_checkpoint(tmp_path)["seconds"]
+    assert stopped_at > 0
     assert train(Config(steps=6, out_dir=str(tmp_path), **TINY), resume=True)["meta_steps"] == 6
+    clock = [json.loads(line)["seconds"] for line in (tmp_path / METRICS).read_text().splitlines()]
+    assert clock == sorted(clock) and clock[1] > stopped_at  # the resumed run's clock goes on from the first's
     with pytest.raises(ValueError, match="max_minutes must be positive"):
         Config(max_minutes=0).resolved()
 

@@ -155,7 +155,7 @@ def train(config: Config, *, resume: bool = False,
     theta = {k: v.to(device) for k, v in exp.init.items()}
     optimizer = torch.optim.Adam(list(theta.values()), lr=config.meta_lr)
     rng = np.random.default_rng(config.seed)
-    step = 0
+    step, elapsed = 0, 0.0
     metrics_path = out / METRICS
     if resume:
         saved = load_checkpoint(out)
@@ -165,6 +165,7 @@ def train(config: Config, *, resume: bool = False,
         optimizer.load_state_dict(saved["optimizer"])
         rng.bit_generator.state = saved["rng"]
         step = saved["step"]
+        elapsed = saved.get("seconds", 0.0)  # checkpoints written before it was saved start the clock at 0
         _truncate_metrics(metrics_path, step)
     else:
         metrics_path.write_text("")
@@ -178,8 +179,9 @@ def train(config: Config, *, resume: bool = False,
     if config.cuda_graph:
         compute = CUDAGraphed(compute)
     bar = tqdm(total=config.steps, initial=step, disable=not config.progress, desc=f"imaml {config.dataset}")
-    window, started = _Window(), time.perf_counter()
-    deadline = started + 60 * config.max_minutes if config.max_minutes else math.inf
+    window, resumed_at = _Window(), time.perf_counter()
+    started = resumed_at - elapsed  # "seconds" in the metrics counts the training time of every run so far
+    deadline = resumed_at + 60 * config.max_minutes if config.max_minutes else math.inf
     with metrics_path.open("a") as log:
         while step < config.steps:
             tasks = exp.train_tasks.sample(rng, config.meta_batch, device)
@@ -201,6 +203,7 @@ def train(config: Config, *, resume: bool = False,
                 bar.set_postfix(_postfix(record))
             if step % config.checkpoint_every == 0 or last:
                 _atomic_save({"config": config.to_dict(), "step": step, "rng": rng.bit_generator.state,
+                              "seconds": time.perf_counter() - started,
                               "theta": {k: v.cpu() for k, v in theta.items()},
                               "optimizer": optimizer.state_dict()}, out / CHECKPOINT)
             if last:
