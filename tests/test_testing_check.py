@@ -109,8 +109,12 @@ def test_inner_solver_stopped_too_early_is_caught():
     assert not report.passed and not report.residual_ok
     assert not report.comparison("finite_differences").passed
     assert "solve_inner stops too early" in report.table()
+    assert "perturbed inner solves" not in report.comparison("finite_differences").detail  # Newton-polished
+    unpolished = check(problem, newton_max_dim=0)  # the perturbed problems go to the same early stop
+    assert "perturbed inner solves reached only ||G|| = " in unpolished.comparison("finite_differences").detail
     problem.inner_steps = 200  # converged: the same solver passes
     assert check(problem).passed
+    assert "perturbed" not in check(problem, newton_max_dim=0).comparison("finite_differences").detail
 
 
 def test_adjoint_solver_stopped_too_early_is_caught():
