@@ -84,6 +84,11 @@ def test_resume_errors_name_the_fix(tmp_path, shared_data):
         run([*common, "--resume", "--seed", "1"])
 
 
+def test_a_missing_device_is_named_before_any_data_is_read(tmp_path):
+    with pytest.raises(ValueError, match="'gpu0' is not a torch device"):
+        run(["l2", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path), "--device", "gpu0"])
+
+
 def test_cleaning_run_reports_the_separation_of_corrupted_examples(tmp_path, shared_data):
     out = tmp_path / "cleaning"
     assert run(["cleaning", "--corruption", "0.5", "--data-dir", str(shared_data), "--n-train", "300",

@@ -78,6 +78,20 @@ def test_evaluation_can_adapt_with_another_proximal_strength(tmp_path):
         Config(eval_lam=-1.0).resolved()
 
 
+@pytest.mark.parametrize("settings,message", [
+    (dict(meta_batch=-1), r"whole numbers >= 1: \{'meta_batch': -1\}"),
+    (dict(log_every=0), r"whole numbers >= 1: \{'log_every': 0\}"),
+    (dict(cg_steps=2.5), r"whole numbers >= 1: \{'cg_steps': 2.5\}"),
+    (dict(dataset="omniglot", ways=1), "ways >= 2"),
+    (dict(meta_lr=0.0), "meta_lr must be positive"),
+    (dict(damping=-1.0), "damping must be >= 0"),
+    (dict(device="gpu0"), "not a torch device"),
+])
+def test_invalid_settings_are_named_before_anything_is_built(settings, message):
+    with pytest.raises(ValueError, match=message):
+        Config(**settings).resolved()
+
+
 def test_resume_refuses_changed_settings_and_missing_checkpoints(tmp_path):
     train(Config(steps=2, out_dir=str(tmp_path), **TINY))
     with pytest.raises(ValueError, match=r"settings differ from the checkpoint \(meta_lr"):

@@ -16,10 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = ["register", "run"]
 
@@ -63,22 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _device(name: str | None) -> torch.device:
-    """``--device``: the named device (checked to exist), else cuda when available, else cpu."""
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device {name!r} is not a torch device ({err}); use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this torch has no usable CUDA device; use --device cpu")
-    return device
-
-
 def run(args: argparse.Namespace) -> int:
+    from bilevel.devices import resolve_device
+
     from .data import load_tasks, split_tasks, to_device
     from .plot import tradeoff_plot
     from .train import Config, evaluate, train
@@ -86,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = load_tasks(args.dataset, args.data_dir, min_rows=args.k_shot + args.n_query)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     train_tasks, test_tasks = (to_device(part, device) for part in split_tasks(tasks, args.test_fraction, args.seed))
     print(f"{args.dataset}: {len(train_tasks)} meta-train tasks, {len(test_tasks)} meta-test tasks, "
           f"{tasks[0].x.shape[1]} features, on {device}")

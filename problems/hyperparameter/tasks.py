@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from bilevel import BilevelProblem
+from bilevel.devices import resolve_device
 
 from .cleaning import HyperCleaning, corrupt_labels, separation
 from .l2 import PerFeatureL2
@@ -38,7 +39,7 @@ class Task:
 
 def _splits(settings: dict[str, Any]) -> Splits:
     """The data splits, on ``settings["device"]`` (default: cuda when available, else cpu)."""
-    device = settings.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(settings.get("device"))  # checked before any data is read
     return Splits(*(part.to(device) for part in _cpu_splits(settings)))
 
 

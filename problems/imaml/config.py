@@ -1,4 +1,4 @@
-"""Settings of a training run (light: imported by the CLI before torch is loaded).
+"""Settings of a training run, validated before any data or model is built.
 
 Defaults follow the paper per data set; :meth:`Config.resolved` fills them in.
 """
@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-
 from typing import Any
 
+from bilevel.devices import resolve_device
 from bilevel.problems.imaml.omniglot import SPLITS
 from bilevel.solvers import SOLVERS
 
@@ -20,6 +20,10 @@ MODES = ("implicit", "unrolled", "first_order")
 # Settings that may change when a run is resumed; everything else must match the checkpoint.
 RESUMABLE = ("steps", "max_minutes", "cuda_graph", "chunk_size", "eval_lam", "device", "data_dir", "cache_dir",
              "out_dir", "progress")
+
+# Counts that make sense only from 1 up (None fields are checked after their defaults are filled in).
+_POSITIVE_COUNTS = ("ways", "channels", "shots", "queries", "cg_steps", "inner_steps", "meta_batch", "log_every",
+                    "eval_every", "eval_tasks", "final_tasks", "checkpoint_every")
 
 
 @dataclass
@@ -88,6 +92,10 @@ class Config:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {self.solver!r}")
+        counts = {k: getattr(self, k) for k in _POSITIVE_COUNTS if getattr(self, k) is not None}
+        bad = {k: v for k, v in counts.items() if not (isinstance(v, int) and v >= 1)}
+        if bad:
+            raise ValueError(f"these settings must be whole numbers >= 1: {bad}")
         if self.checkpoint_every % self.log_every or self.eval_every % self.log_every:
             raise ValueError(f"checkpoint_every ({self.checkpoint_every}) and eval_every ({self.eval_every}) "
                              f"must be multiples of log_every ({self.log_every})")
@@ -97,8 +105,15 @@ class Config:
             raise ValueError(f"chunk_size must be >= 1 (or None for the whole meta-batch), got {self.chunk_size}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be positive, got {self.max_minutes}")
+        resolve_device(self.device)
         if self.cuda_graph and not self.device.startswith("cuda"):
             raise ValueError(f"cuda_graph needs a CUDA device, got device={self.device!r}")
+        if self.dataset == "omniglot" and self.ways < 2:
+            raise ValueError(f"an Omniglot task needs ways >= 2 classes, got {self.ways}")
+        if not self.meta_lr > 0:
+            raise ValueError(f"meta_lr must be positive, got {self.meta_lr}")
+        if not self.damping >= 0:
+            raise ValueError(f"damping must be >= 0, got {self.damping}")
         if self.mode == "unrolled" and self.inner_optimizer != "gd":
             raise ValueError("mode='unrolled' differentiates through gradient descent: use inner_optimizer='gd'")
         omniglot = self.dataset == "omniglot"
