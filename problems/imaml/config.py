@@ -21,7 +21,7 @@ MODES = ("implicit", "unrolled", "first_order")
 RESUMABLE = ("steps", "max_minutes", "cuda_graph", "chunk_size", "eval_lam", "device", "data_dir", "cache_dir",
              "out_dir", "progress")
 
-# Counts that make sense only from 1 up (None fields are checked after their defaults are filled in).
+# Counts that make sense only from 1 up (a None field takes its default, which is valid).
 _POSITIVE_COUNTS = ("ways", "channels", "shots", "queries", "cg_steps", "inner_steps", "meta_batch", "log_every",
                     "eval_every", "eval_tasks", "final_tasks", "checkpoint_every")
 
