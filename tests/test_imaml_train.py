@@ -82,6 +82,7 @@ def test_evaluation_can_adapt_with_another_proximal_strength(tmp_path):
     (dict(meta_batch=-1), r"whole numbers >= 1: \{'meta_batch': -1\}"),
     (dict(log_every=0), r"whole numbers >= 1: \{'log_every': 0\}"),
     (dict(cg_steps=2.5), r"whole numbers >= 1: \{'cg_steps': 2.5\}"),
+    (dict(chunk_size=0), r"whole numbers >= 1: \{'chunk_size': 0\}"),
     (dict(dataset="omniglot", ways=1), "ways >= 2"),
     (dict(meta_lr=0.0), "meta_lr must be positive"),
     (dict(damping=-1.0), "damping must be >= 0"),

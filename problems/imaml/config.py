@@ -21,9 +21,10 @@ MODES = ("implicit", "unrolled", "first_order")
 RESUMABLE = ("steps", "max_minutes", "cuda_graph", "chunk_size", "eval_lam", "device", "data_dir", "cache_dir",
              "out_dir", "progress")
 
-# Counts that make sense only from 1 up (a None field takes its default, which is valid).
-_POSITIVE_COUNTS = ("ways", "channels", "shots", "queries", "cg_steps", "inner_steps", "meta_batch", "log_every",
-                    "eval_every", "eval_tasks", "final_tasks", "checkpoint_every")
+# Counts that make sense only from 1 up (a None field takes its default, which is valid;
+# chunk_size None batches the whole meta-batch).
+_POSITIVE_COUNTS = ("ways", "channels", "shots", "queries", "cg_steps", "inner_steps", "meta_batch", "chunk_size",
+                    "log_every", "eval_every", "eval_tasks", "final_tasks", "checkpoint_every")
 
 
 @dataclass
@@ -101,12 +102,10 @@ class Config:
                              f"must be multiples of log_every ({self.log_every})")
         if self.eval_lam is not None and not self.eval_lam >= 0:
             raise ValueError(f"eval_lam must be >= 0, got {self.eval_lam}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 (or None for the whole meta-batch), got {self.chunk_size}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be positive, got {self.max_minutes}")
-        resolve_device(self.device)
-        if self.cuda_graph and not self.device.startswith("cuda"):
+        device = resolve_device(self.device)
+        if self.cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph needs a CUDA device, got device={self.device!r}")
         if self.dataset == "omniglot" and self.ways < 2:
             raise ValueError(f"an Omniglot task needs ways >= 2 classes, got {self.ways}")
