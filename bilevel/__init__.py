@@ -7,7 +7,7 @@ differentiation as baselines.
 """
 
 from bilevel.cuda_graph import CUDAGraphed
-from bilevel.errors import BilevelError, ConvergenceError, ConvergenceWarning, NonFiniteError
+from bilevel.errors import BilevelError, BilevelWarning, ConvergenceError, ConvergenceWarning, NonFiniteError
 from bilevel.hypergradient import MODES, HypergradientResult, check_result, hypergradient
 from bilevel.implicit import implicit_root
 from bilevel.problem import BilevelProblem
@@ -17,6 +17,7 @@ __all__ = [
     "MODES",
     "BilevelError",
     "BilevelProblem",
+    "BilevelWarning",
     "CUDAGraphed",
     "ConvergenceError",
     "ConvergenceWarning",

@@ -23,19 +23,21 @@ constant, so ``phi*`` depends on ``theta`` only through the initialization
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from bilevel.adjoint import AdjointOperator
-from bilevel.errors import BilevelError
-from bilevel.policy import (OnFailure, check_inner_residual, check_solve, host_checks_deferred, require_finite,
-                            validate_on_failure)
+from bilevel.errors import BilevelError, BilevelWarning
+from bilevel.policy import (OnFailure, caller_stacklevel, check_inner_residual, check_solve, host_checks_deferred,
+                            require_finite, validate_on_failure)
 from bilevel.problem import BilevelProblem, scalar_objective
-from bilevel.pytree import PyTree, check_devices_and_dtypes, check_same_structure, ravel, tree_map, tree_norm
-from bilevel.solvers import CG, LinearSolver, SolveResult
-from bilevel.solvers._base import IterativeSolver
+from bilevel.pytree import (PyTree, check_devices_and_dtypes, check_parameters, check_same_structure, ravel,
+                            tree_leaves, tree_map, tree_norm)
+from bilevel.solvers import LinearSolver, SolveResult, get_solver
+from bilevel.solvers._base import IterativeSolver, poison
 from bilevel.solvers._result import register_result_pytree
 
 __all__ = ["HypergradientResult", "hypergradient", "check_result", "MODES"]
@@ -70,7 +72,7 @@ def hypergradient(
     outer: PyTree,
     data: Any = None,
     *,
-    solver: LinearSolver | None = None,
+    solver: LinearSolver | str | None = None,
     mode: Mode = "implicit",
     init: PyTree | None = None,
     truncate: int | None = None,
@@ -83,12 +85,15 @@ def hypergradient(
         problem: a :class:`BilevelProblem`.
         outer: outer parameters ``theta`` (tensor, tuple/dict of tensors).
         data: anything the problem's methods take as ``data`` (batched under vmap).
-        solver: a :mod:`bilevel.solvers` solver for the adjoint system
-            (``"implicit"`` mode); default ``CG()``, right for minimization inner
-            problems (symmetric positive definite Hessian). Use ``MINRES()`` for
+        solver: a :mod:`bilevel.solvers` solver instance or its name (``"cg"``,
+            ``"minres"``, ``"gmres"``, ...; see :data:`bilevel.solvers.SOLVERS`) for the
+            adjoint system (``"implicit"`` mode); default ``CG()``, right for minimization
+            inner problems (symmetric positive definite Hessian). Use ``MINRES()`` for
             saddle points, ``GMRES()`` for general roots, ``Direct()`` for ground truth.
         mode: ``"implicit"``, ``"unrolled"``, ``"truncated"`` or ``"first_order"``.
-        init: inner starting point; default ``problem.initial_inner(outer, data)``.
+        init: inner starting point; default ``problem.initial_inner(outer, data)``. A
+            problem whose own ``solve_inner`` needs no start may leave ``initial_inner``
+            undefined in ``"implicit"`` mode (it then receives ``init=None``).
         truncate: number of differentiated steps in ``"truncated"`` mode.
         adjoint_x0: initial guess of the adjoint solve (``"implicit"`` mode), a flat
             vector like ``result.solve.x``: warm-start with the previous outer step's
@@ -116,10 +121,21 @@ def hypergradient(
     if mode != "implicit" and (solver is not None or adjoint_x0 is not None):
         option = "solver=" if solver is not None else "adjoint_x0="
         raise BilevelError(f"{option} applies only to mode='implicit', not mode={mode!r}")
+    check_parameters(outer, "outer")
+    if init is not None:
+        check_parameters(init, "init")
     check_devices_and_dtypes(outer=outer, data=data, init=init)
+    if mode == "implicit" and init is None and not (problem.defines_initial_inner
+                                                     or problem.overrides_solve_inner):
+        raise BilevelError(f"{type(problem).__name__} defines neither initial_inner nor its own solve_inner: "
+                           "the default inner solver needs a starting point; define initial_inner(outer, data) "
+                           "or pass init=...")
+    if mode != "implicit" and init is None and not problem.defines_initial_inner:
+        raise BilevelError(f"mode={mode!r} differentiates through the inner starting point: define "
+                           f"{type(problem).__name__}.initial_inner(outer, data) or pass init=...")
 
     if mode == "implicit":
-        result = _implicit(problem, outer, data, init, solver if solver is not None else CG(), adjoint_x0)
+        result = _implicit(problem, outer, data, init, get_solver(solver), adjoint_x0)
     elif mode == "first_order":
         result = _first_order(problem, outer, data, init)
     else:
@@ -127,6 +143,8 @@ def hypergradient(
 
     if not host_checks_deferred(outer, data, result.outer_loss):
         check_result(result, on_failure=on_failure, residual_tol=problem.residual_tol)
+        if mode == "first_order" and on_failure != "ignore":
+            _warn_if_first_order_dropped(result, problem, outer, data)
     return result
 
 
@@ -141,7 +159,10 @@ def check_result(result: HypergradientResult, *, on_failure: OnFailure = "warn",
     """
     validate_on_failure(on_failure)
     require_finite(result.inner, "the inner solution phi*",
-                   "the inner solver diverged: lower inner_lr or check the inner objective")
+                   "the inner solver diverged, or the inner data holds NaN/Inf: check the training data, "
+                   "lower inner_lr or check the inner objective")
+    require_finite(result.outer_loss, "the outer loss f(phi*, theta)",
+                   "the outer objective or its data (e.g. the validation set) holds NaN/Inf")
     if result.solve is not None:
         check_solve(result.solve, on_failure)
     require_finite(result.grad, "the hypergradient",
@@ -151,7 +172,17 @@ def check_result(result: HypergradientResult, *, on_failure: OnFailure = "warn",
 
 
 def _initial(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | None) -> PyTree:
-    return problem.initial_inner(outer, data) if init is None else init
+    """``init``, else ``problem.initial_inner``'s result, checked against ``outer``'s dtype and device;
+    ``None`` when neither exists (only for a problem whose ``solve_inner`` needs no start)."""
+    if init is not None:
+        return init
+    if not problem.defines_initial_inner:
+        return None
+    start = problem.initial_inner(outer, data)
+    name = f"{type(problem).__name__}.initial_inner's result"
+    check_parameters(start, name)
+    check_devices_and_dtypes(outer=outer, **{name: start})
+    return start
 
 
 def _residual(problem: BilevelProblem, inner: PyTree, outer: PyTree, data: Any) -> Tensor | None:
@@ -169,9 +200,14 @@ def _outer_value_and_grads(problem: BilevelProblem, inner: PyTree, outer: PyTree
 def _solve_detached(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | None) -> PyTree:
     with torch.no_grad():
         outer_d = tree_map(torch.Tensor.detach, outer)
-        start = tree_map(torch.Tensor.detach, _initial(problem, outer_d, data, init))
+        start = _initial(problem, outer_d, data, init)
+        start = None if start is None else tree_map(torch.Tensor.detach, start)
         inner = problem.solve_inner(outer_d, data, start)
-        check_same_structure(start, inner, f"{type(problem).__name__}.solve_inner's result", "the initialization")
+        name = f"{type(problem).__name__}.solve_inner's result"
+        check_parameters(inner, name)
+        if start is not None:
+            check_same_structure(start, inner, name, "the initialization")
+        check_devices_and_dtypes(outer=outer, **{name: inner})
     return tree_map(torch.Tensor.detach, inner)
 
 
@@ -190,7 +226,7 @@ def _implicit(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | 
                            f"{tuple(b.shape)} unknowns; pass a previous result.solve.x")
     solve = solver(adjoint_matvec, b, adjoint_x0)
     (cross,) = adjoint_matvec.cross(solve.x)
-    grad = tree_map(lambda direct, indirect: direct - indirect, d_outer, cross)
+    grad = tree_map(lambda direct, indirect: poison(direct - indirect, solve.status), d_outer, cross)
     return HypergradientResult(grad, inner, loss.detach(), tree_norm(residual).detach(), solve)
 
 
@@ -202,6 +238,22 @@ def _first_order(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree
         (through_init,) = init_vjp(d_inner)
         d_outer = tree_map(torch.add, d_outer, through_init)
     return HypergradientResult(d_outer, inner, loss.detach(), _residual(problem, inner, outer, data))
+
+
+def _warn_if_first_order_dropped(result: HypergradientResult, problem: BilevelProblem, outer: PyTree,
+                                 data: Any) -> None:
+    """Warn when a first-order hypergradient is exactly zero although ``f`` depends on ``phi``:
+    the inner start does not depend on ``theta``, so the whole indirect term was dropped."""
+    if any(bool(leaf.count_nonzero()) for leaf in tree_leaves(result.grad)):
+        return
+    _, d_inner, _ = _outer_value_and_grads(problem, result.inner, outer, data)
+    if any(bool(leaf.count_nonzero()) for leaf in tree_leaves(d_inner)):
+        warnings.warn(
+            "mode='first_order' returned an all-zero hypergradient although the outer loss depends on "
+            "phi*: the inner starting point does not depend on the outer parameters, so the first-order "
+            "approximation drops phi*'s whole dependence on theta. Use mode='implicit' (or 'unrolled'), "
+            "or start the inner solve from the outer parameters as MAML does", BilevelWarning,
+            stacklevel=caller_stacklevel())
 
 
 def _unrolled(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | None,

@@ -29,8 +29,8 @@ from bilevel.errors import BilevelError
 from bilevel.policy import (OnFailure, check_inner_residual, check_solve, host_checks_deferred, require_finite,
                             validate_on_failure)
 from bilevel.pytree import PyTree, check_same_structure, ravel, tree_norm
-from bilevel.solvers import CG, LinearSolver
-from bilevel.solvers._base import IterativeSolver
+from bilevel.solvers import LinearSolver, get_solver
+from bilevel.solvers._base import IterativeSolver, poison
 
 __all__ = ["implicit_root"]
 
@@ -89,6 +89,9 @@ class _ImplicitRoot(torch.autograd.Function):
         check_same_structure(phi, residual, "the optimality condition's output", "the inner solution")
         cotangent = [torch.zeros_like(p) if g is None else g for p, g in zip(phi_leaves, grad_phi)]
         b, unravel = ravel(pytree.tree_unflatten(cotangent, spec.phi_spec))
+        if not host_checks_deferred(b):
+            require_finite(b, "the gradient arriving at the decorated function's output",
+                           "the loss computed from the solution (or its data) produced NaN/Inf")
 
         adjoint_matvec = AdjointOperator(vjp_fn, unravel, reuse_last=isinstance(spec.solver, IterativeSolver))
         solve = spec.solver(adjoint_matvec, b)
@@ -102,13 +105,13 @@ class _ImplicitRoot(torch.autograd.Function):
                 spec.owner.last_solve = solve
         grads: list[Tensor | None] = [None] * len(arg_tensors)
         for i, g in zip(diff_idx, cross):
-            grads[i] = -g
+            grads[i] = -poison(g, solve.status)
         return (None, *([None] * spec.n_phi), *grads)
 
 
 def implicit_root(
     optimality: Callable[..., PyTree],
-    solver: LinearSolver | None = None,
+    solver: LinearSolver | str | None = None,
     *,
     on_failure: OnFailure = "warn",
     residual_tol: float | None = 1e-4,
@@ -122,8 +125,8 @@ def implicit_root(
 
     Args:
         optimality: ``G(phi, *args)``; for a minimizer of ``g``, ``torch.func.grad(g)``.
-        solver: a :mod:`bilevel.solvers` solver for ``(d_phi G)^T v = u``;
-            default ``CG()`` (symmetric positive definite ``d_phi G``).
+        solver: a :mod:`bilevel.solvers` solver instance or name (``"gmres"``, ...) for
+            ``(d_phi G)^T v = u``; default ``CG()`` (symmetric positive definite ``d_phi G``).
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` a non-converged solve or a
             residual ``||G(phi, *args)|| > residual_tol`` (checked in backward,
             outside vmap). NaN/Inf always raises. The last solve's diagnostics
@@ -141,7 +144,7 @@ def implicit_root(
         outer_loss(w).backward()
     """
     validate_on_failure(on_failure)
-    solver = CG() if solver is None else solver
+    solver = get_solver(solver)
 
     def decorator(solve: Callable[..., PyTree]) -> Callable[..., PyTree]:
         @functools.wraps(solve)

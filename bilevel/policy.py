@@ -17,7 +17,7 @@ from torch import Tensor
 
 from bilevel.errors import BilevelError, ConvergenceError, ConvergenceWarning, NonFiniteError
 from bilevel.pytree import PyTree, tree_leaves
-from bilevel.solvers import SolveResult, values_hidden
+from bilevel.solvers import SolveResult, Status, values_hidden
 
 OnFailure = Literal["warn", "raise", "ignore"]
 ON_FAILURE = ("warn", "raise", "ignore")
@@ -45,7 +45,7 @@ def require_finite(tree: PyTree, where: str, fix: str) -> None:
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def _caller_stacklevel() -> int:
+def caller_stacklevel() -> int:
     """The ``stacklevel`` that points a warning at the first frame outside this package."""
     frame, level = sys._getframe(1), 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
@@ -58,7 +58,7 @@ def report(message: str, on_failure: OnFailure) -> None:
     if on_failure == "raise":
         raise ConvergenceError(message)
     if on_failure == "warn":
-        warnings.warn(message, ConvergenceWarning, stacklevel=_caller_stacklevel())
+        warnings.warn(message, ConvergenceWarning, stacklevel=caller_stacklevel())
 
 
 def check_inner_residual(residual: Tensor | None, residual_tol: float | None, on_failure: OnFailure) -> None:
@@ -75,9 +75,12 @@ def check_inner_residual(residual: Tensor | None, residual_tol: float | None, on
 
 
 def check_solve(solve: SolveResult, on_failure: OnFailure) -> None:
-    require_finite(solve.x, "the adjoint linear solve",
-                   "the linear system may be singular or the solver unstable; try solver=Direct() "
-                   "or add damping (ridge=...)")
+    """NaN/Inf anywhere in the solve raises; any other non-converged system is reported."""
+    if bool((solve.status == int(Status.NONFINITE)).any()) or not bool(torch.isfinite(solve.x).all()):
+        lines = "\n  ".join(solve.failures())
+        raise NonFiniteError(f"NaN or Inf in the adjoint linear solve:\n  {lines}\nthe right-hand side "
+                             "(the outer gradient at phi*) or the operator (the optimality condition's "
+                             "Jacobian) produced it; check the data and the objectives for NaN/Inf")
     if not solve.all_converged:
         lines = "\n  ".join(solve.failures())
         report(f"adjoint linear solve did not converge:\n  {lines}", on_failure)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from bilevel.errors import BilevelError
 from bilevel.policy import host_checks_deferred
-from bilevel.pytree import PyTree, tree_map, tree_norm
+from bilevel.pytree import PyTree, check_same_structure, tree_map, tree_norm
 
 __all__ = ["BilevelProblem", "scalar_objective"]
 
@@ -80,6 +80,16 @@ class BilevelProblem:
             "to bilevel.hypergradient")
 
     @property
+    def defines_initial_inner(self) -> bool:
+        """Whether the subclass (or instance) defines :meth:`initial_inner`."""
+        return "initial_inner" in vars(self) or type(self).initial_inner is not BilevelProblem.initial_inner
+
+    @property
+    def overrides_solve_inner(self) -> bool:
+        """Whether the subclass (or instance) brings its own :meth:`solve_inner`."""
+        return "solve_inner" in vars(self) or type(self).solve_inner is not BilevelProblem.solve_inner
+
+    @property
     def defines_optimality(self) -> bool:
         """Whether the subclass defines an optimality condition (``inner_objective`` or ``optimality``).
 
@@ -107,6 +117,7 @@ class BilevelProblem:
         The ``"unrolled"`` and ``"truncated"`` modes differentiate through it.
         """
         step = self.optimality(inner, outer, data)
+        check_same_structure(inner, step, f"{type(self).__name__}.optimality's output", "the inner parameters")
         return tree_map(lambda p, g: p - self.inner_lr * g, inner, step)
 
     def solve_inner(self, outer: PyTree, data: Any, init: PyTree) -> PyTree:

@@ -18,7 +18,7 @@ from bilevel.errors import BilevelError
 PyTree = Any
 
 __all__ = ["PyTree", "module_params", "ravel", "tree_leaves", "tree_map", "check_same_structure",
-           "check_devices_and_dtypes", "tree_norm"]
+           "check_devices_and_dtypes", "check_parameters", "tree_norm"]
 
 
 def tree_leaves(tree: PyTree) -> list[Tensor]:
@@ -89,6 +89,21 @@ def check_same_structure(expected: PyTree, got: PyTree, what: str, expected_name
             raise BilevelError(
                 f"{what} leaf {i} has shape {tuple(g.shape)} but {expected_name} has {tuple(e.shape)}; "
                 "the optimality condition must return one entry per inner parameter")
+
+
+def check_parameters(tree: PyTree, name: str) -> None:
+    """Raise :class:`BilevelError` unless ``tree`` is a non-empty pytree of floating-point tensors."""
+    leaves = pytree.tree_leaves(tree)
+    if not leaves:
+        raise BilevelError(f"{name} holds no tensor: pass a tensor, or a tuple/list/dict of tensors")
+    for i, leaf in enumerate(leaves):
+        where = f"{name}" if len(leaves) == 1 and isinstance(tree, Tensor) else f"{name} leaf {i}"
+        if not isinstance(leaf, Tensor):
+            raise BilevelError(f"{where} is a {type(leaf).__name__}, not a tensor: pass tensors "
+                               f"(e.g. torch.tensor({leaf!r}, dtype=torch.float64)), or a tuple/list/dict of them")
+        if not leaf.is_floating_point():
+            raise BilevelError(f"{where} has dtype {leaf.dtype}, but parameters must be floating point to be "
+                               "differentiated: convert with .double() or .float()")
 
 
 def check_devices_and_dtypes(**trees: PyTree) -> None:

@@ -26,13 +26,10 @@ from .gmres import GMRES
 from .minres import MINRES
 from .neumann import Neumann
 from .preconditioners import hutchinson_diagonal, jacobi
-
-SOLVERS: dict[str, type] = {"cg": CG, "minres": MINRES, "gmres": GMRES, "bicgstab": BiCGSTAB,
-                            "neumann": Neumann, "direct": Direct}
-"""The solver classes by the lower-case names that command-line options use."""
+from .registry import SOLVERS, get_solver
 
 __all__ = [
     "SOLVERS", "BiCGSTAB", "CG", "Direct", "GMRES", "LinearSolver", "MINRES", "MatVec", "Neumann",
-    "Preconditioner", "SolveResult", "Status", "hutchinson_diagonal", "is_capturing", "is_vmapped", "jacobi",
+    "Preconditioner", "SolveResult", "Status", "get_solver", "hutchinson_diagonal", "is_capturing", "is_vmapped", "jacobi",
     "values_hidden",
 ]

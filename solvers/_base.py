@@ -9,7 +9,9 @@ operator to its own row. Per-system scalars (step sizes, norms, status codes)
 therefore have shape ``batch`` and vectors ``(*batch, n)``.
 
 Every solver stops a system once ``||b - A x|| <= max(rtol * ||b||, atol)``,
-the test of :mod:`scipy.sparse.linalg`. A stopped system is frozen with
+the test of :mod:`scipy.sparse.linalg`, and :func:`finish` decides the final
+status on the true residual recomputed from the last iterate, never on the
+recurrence's own estimate. A stopped system is frozen with
 ``torch.where`` masks, so a batch of systems behaves exactly like the same
 systems solved one at a time.
 
@@ -31,7 +33,7 @@ from torch import Tensor
 from ._result import SolveResult, Status
 
 __all__ = ["IterativeSolver", "LinearSolver", "MatVec", "Preconditioner", "is_capturing", "is_vmapped",
-           "values_hidden"]
+           "poison", "values_hidden"]
 
 MatVec = Callable[[Tensor], Tensor]
 """Applies ``A`` to a tensor shaped like ``b``."""
@@ -241,18 +243,83 @@ class Start:
         self.status = mark(status, ~ok, Status.NONFINITE)
 
 
+SINGULAR_SCALE = 1e-2
+"""A system whose ``||A|| ||x|| / ||b||`` exceeds ``SINGULAR_SCALE / eps`` without meeting
+the tolerance is reported ``SINGULAR``: no solution at this precision."""
+
+
 def finish(op: MatVec, b: Tensor, x: Tensor, status: Tensor, iterations: Tensor,
-           history: list[Tensor] | None, maxiter: int) -> SolveResult:
-    """Close a solve: true residual (one extra matvec), final status, padded history."""
-    rnorm = norm(b - op(x))
-    unsettled = (status == RUNNING) | (status == int(Status.CONVERGED))
-    status = mark(status, status == RUNNING, Status.MAX_ITERATIONS)
-    status = mark(status, unsettled & ~torch.isfinite(rnorm), Status.NONFINITE)
+           history: list[Tensor] | None, maxiter: int, tol: Tensor) -> SolveResult:
+    """Close a solve: the final status is decided on the true residual.
+
+    ``r = b - A x`` is recomputed from the final iterate (one matvec). A system is
+    ``CONVERGED`` exactly when ``||r|| <= tol``. One the solver believed converged
+    (its recurrence residual drifts from the true one in finite precision) becomes
+    ``INACCURATE``; one still running, ``MAX_ITERATIONS``. A system that missed the
+    tolerance with ``kappa = ||A|| ||x|| / ||b||`` beyond ``SINGULAR_SCALE / eps``,
+    where ``||A||`` is estimated from below by ``max(||A b|| / ||b||, ||A x|| / ||x||)``
+    (one more matvec, only when some system missed), is ``SINGULAR``: for a solution
+    ``kappa`` is at most the condition number, so ``x`` grew along a (numerically)
+    null direction, the signature of a system without a solution. A ``NONFINITE``
+    system's ``x`` is set to NaN (:func:`poison`), so that no number stands in for a
+    failed solve. Under ``vmap`` or CUDA-graph capture ``x`` is returned as it is (a
+    masked copy would cost the implicit gradient a vector-Jacobian product): the
+    implicit gradient poisons its own result with the status instead.
+    """
+    hidden = values_hidden(x)
+    Ab = op(b) if hidden else None  # branch-free: the estimate's matvec comes first, so A x stays the last
+    Ax = op(x)
+    rnorm = norm(b - Ax)
+    met = (rnorm <= tol) & finite(x)
+    claimed = status == int(Status.CONVERGED)
+    status = mark(status, (status == RUNNING) & ~met, Status.MAX_ITERATIONS)
+    status = mark(status, claimed & ~met, Status.INACCURATE)
+    status = mark(status, ~torch.isfinite(rnorm), Status.NONFINITE)
+    status = mark(status, met & (status != int(Status.NONFINITE)), Status.CONVERGED)
+    candidate = ~met & (status != int(Status.NONFINITE)) & (status != int(Status.DIVERGED))
+    if hidden or bool(candidate.any()):
+        Ab = op(b) if Ab is None else Ab
+        status = mark(status, candidate & _numerically_singular(b, x, Ab, Ax), Status.SINGULAR)
+    if not hidden:  # under vmap the callers poison what they derive from x (see poison)
+        x = poison(x, status)
     hist = None
     if history is not None:
         hist = torch.stack(history + [history[-1]] * (maxiter + 1 - len(history)))
     return SolveResult(x=x, converged=status == int(Status.CONVERGED), iterations=iterations,
                        residual_norm=rnorm, status=status, history=hist)
+
+
+def poison(v: Tensor, status: Tensor) -> Tensor:
+    """``v`` with NaN in every system whose status is ``NONFINITE`` (``status`` has
+    ``v``'s leading dimensions). While values are readable and no system failed,
+    ``v`` itself is returned."""
+    bad = status == int(Status.NONFINITE)
+    if not values_hidden(v) and not bool(bad.any()):
+        return v
+    if v.dim() > bad.dim():
+        bad = bad.reshape(*bad.shape, *([1] * (v.dim() - bad.dim())))
+    return torch.where(bad, torch.full_like(v, math.nan), v)
+
+
+def _numerically_singular(b: Tensor, x: Tensor, Ab: Tensor, Ax: Tensor) -> Tensor:
+    """Per system: ``||A|| ||x|| / ||b|| > SINGULAR_SCALE / eps`` with ``||A||`` bounded below."""
+    bnorm, xnorm = norm(b), norm(x)
+    tiny = torch.finfo(b.dtype).tiny
+    scale = torch.maximum(norm(Ab) / bnorm.clamp(min=tiny), norm(Ax) / xnorm.clamp(min=tiny))
+    kappa = scale * xnorm / bnorm.clamp(min=tiny)
+    return (bnorm > 0) & (kappa > SINGULAR_SCALE / machine_eps(b.dtype))
+
+
+def asymmetric(u: Tensor, Au: Tensor, v: Tensor, Av: Tensor) -> Tensor:
+    """Per system: ``|<u, A v> - <A u, v>|`` beyond rounding, relative to ``|u||Av| + |Au||v|``.
+
+    A free symmetry probe on two vectors a Krylov solver has already applied the
+    operator to; the threshold ``sqrt(eps)`` leaves room for Hessian-vector products
+    computed by automatic differentiation, symmetric only up to rounding.
+    """
+    gap = (dot(u, Av) - dot(Au, v)).abs()
+    scale = norm(u) * norm(Av) + norm(Au) * norm(v)
+    return gap > math.sqrt(machine_eps(u.dtype)) * scale
 
 
 def mark(status: Tensor, mask: Tensor, code: Status) -> Tensor:

@@ -35,8 +35,10 @@ def register_result_pytree(cls: type[T]) -> type[T]:
 class Status(enum.IntEnum):
     """Per-system outcome of a linear solve.
 
-    Stored as an integer tensor in :class:`SolveResult.status` so that it
-    survives ``torch.func.vmap``; convert with ``Status(int(code))``.
+    ``CONVERGED`` exactly when the true residual, recomputed after the
+    iteration, meets ``||b - A x|| <= max(rtol ||b||, atol)``; every other code
+    says why not. Stored as an integer tensor in :class:`SolveResult.status` so
+    that it survives ``torch.func.vmap``; convert with ``Status(int(code))``.
     """
 
     CONVERGED = 0
@@ -45,6 +47,9 @@ class Status(enum.IntEnum):
     NEGATIVE_CURVATURE = 3
     DIVERGED = 4
     NONFINITE = 5
+    INACCURATE = 6
+    SINGULAR = 7
+    NONSYMMETRIC = 8
 
     def describe(self) -> str:
         return _DESCRIPTIONS[self]
@@ -60,7 +65,17 @@ _DESCRIPTIONS = {
     "is not positive definite; use MINRES (symmetric indefinite) or GMRES, or add damping",
     Status.DIVERGED: "the iteration diverged (growing terms); for the Neumann series the "
     "step alpha is too large: need spectral radius of (I - alpha A) < 1",
-    Status.NONFINITE: "NaN or Inf appeared in the operator output or the iterate",
+    Status.NONFINITE: "NaN or Inf in the right-hand side, the operator output or the iterate "
+    "(the solution is NaN)",
+    Status.INACCURATE: "the solver's recurrence met the tolerance but the true residual "
+    "||b - A x|| does not: accuracy was lost to rounding (float32, ill-conditioning) or the "
+    "operator is not the same linear map on every call; use float64, precondition (M=...), "
+    "add damping (ridge=...) or loosen rtol",
+    Status.SINGULAR: "the operator is singular at this precision and b is not in its range "
+    "(||A|| ||x|| / ||b|| exceeds 0.01/eps): the system has no solution; regularize (ridge=...) "
+    "or make the inner solution unique",
+    Status.NONSYMMETRIC: "the operator is not symmetric (<u, A v> != <A u, v> on the solver's "
+    "own vectors) but this solver needs a symmetric one: use GMRES or BiCGSTAB",
 }
 
 
@@ -76,7 +91,8 @@ class SolveResult:
         x: the solution, same shape as ``b``.
         converged: bool tensor of shape ``b.shape[:-1]``.
         iterations: int64 tensor, iterations each system took.
-        residual_norm: ``||b - A x||_2`` per system, as the solver tracked it.
+        residual_norm: the true residual ``||b - A x||_2`` per system, recomputed
+            from ``x`` after the iteration (the status is decided on it).
         status: int64 tensor of :class:`Status` codes per system.
         history: residual norms per iteration, shape ``(maxiter + 1, *b.shape[:-1])``,
             when the solver was asked for it, else ``None``.

@@ -101,4 +101,4 @@ class BiCGSTAB(B.IterativeSolver):
             if history is not None:
                 history.append(rnorm)
 
-        return B.finish(op, b, x, status, its, history, maxiter)
+        return B.finish(op, b, x, status, its, history, maxiter, s.tol)

@@ -31,6 +31,9 @@ class CG(B.IterativeSolver):
     When a direction has ``p^T A p <= 0`` the operator is not positive definite:
     that system stops at its last iterate with ``Status.NEGATIVE_CURVATURE``
     (use :class:`~bilevel.solvers.MINRES` or :class:`~bilevel.solvers.GMRES`).
+    Successive directions also probe symmetry for free: ``<p_{k-1}, A p_k>`` must
+    equal ``<A p_{k-1}, p_k>``; a system where they differ beyond rounding stops with
+    ``Status.NONSYMMETRIC`` (use GMRES or BiCGSTAB).
 
     Args:
         rtol, atol: stop a system once ``||b - A x|| <= max(rtol ||b||, atol)``.
@@ -47,6 +50,7 @@ class CG(B.IterativeSolver):
         z = precond(r)
         rz = B.dot(r, z)
         p = z
+        p_prev = Ap_prev = None
         history = [rnorm] if self.history else None
 
         for k in range(1, maxiter + 1):
@@ -54,6 +58,10 @@ class CG(B.IterativeSolver):
                 break
             active = status == B.RUNNING
             Ap = op(p)
+            if p_prev is not None:
+                status = B.mark(status, active & B.asymmetric(p_prev, Ap_prev, p, Ap), Status.NONSYMMETRIC)
+                active = status == B.RUNNING
+            p_prev, Ap_prev = p, Ap
             pAp = B.dot(p, Ap)
             negative = active & (pAp <= 0)
             status = B.mark(status, negative, Status.NEGATIVE_CURVATURE)
@@ -82,4 +90,4 @@ class CG(B.IterativeSolver):
             if history is not None:
                 history.append(rnorm)
 
-        return B.finish(op, b, x, status, its, history, maxiter)
+        return B.finish(op, b, x, status, its, history, maxiter, s.tol)

@@ -40,9 +40,9 @@ class Direct:
     least-squares solution ``pinv(A) b`` instead.
 
     Status is ``CONVERGED`` when the true residual meets
-    ``||b - A x|| <= max(rtol ||b||, atol)``, ``BREAKDOWN`` when it does not (an
+    ``||b - A x|| <= max(rtol ||b||, atol)``, ``SINGULAR`` when it does not (an
     inconsistent singular system: ``x`` is then the least-squares solution), and
-    ``NONFINITE`` on NaN/Inf. ``iterations`` is 0; ``x0`` is ignored.
+    ``NONFINITE`` on NaN/Inf (``x`` is then NaN). ``iterations`` is 0; ``x0`` is ignored.
 
     Args:
         ridge: solve ``(A + ridge I) x = b`` instead.
@@ -61,6 +61,10 @@ class Direct:
     def __call__(self, matvec: MatVec, b: Tensor, x0: Tensor | None = None) -> SolveResult:
         B.check_rhs(b, x0)
         op = B.operator(matvec, self.ridge)
+        if b.shape[-1] == 0:  # no unknowns: the empty solution is exact
+            status = torch.full(b.shape[:-1], int(Status.CONVERGED), dtype=torch.int64, device=b.device)
+            return SolveResult(x=torch.zeros_like(b), converged=status == int(Status.CONVERGED),
+                               iterations=torch.zeros_like(status), residual_norm=B.norm(b), status=status)
         A = materialize(op, b)
         tol = torch.clamp(self.rtol * B.norm(b), min=self.atol)
 
@@ -75,10 +79,11 @@ class Direct:
             x = B.select(lu_ok, x, x_ls)
 
         rnorm = B.norm(b - op(x))
-        status = torch.full(rnorm.shape, int(Status.BREAKDOWN), dtype=torch.int64,
+        status = torch.full(rnorm.shape, int(Status.SINGULAR), dtype=torch.int64,
                             device=b.device)
         status = B.mark(status, rnorm <= tol, Status.CONVERGED)
-        status = B.mark(status, ~usable | ~torch.isfinite(rnorm), Status.NONFINITE)
+        status = B.mark(status, ~usable | ~torch.isfinite(rnorm) | ~B.finite(b), Status.NONFINITE)
+        x = B.select(status == int(Status.NONFINITE), torch.full_like(x, float("nan")), x)
         return SolveResult(x=x, converged=status == int(Status.CONVERGED),
                            iterations=torch.zeros_like(status), residual_norm=rnorm,
                            status=status)

@@ -125,7 +125,7 @@ class GMRES(B.IterativeSolver):
                 r = b - op(x)
                 rnorm = B.select(running, B.norm(r), rnorm)
 
-        return B.finish(op, b, x, status, its, history, maxiter)
+        return B.finish(op, b, x, status, its, history, maxiter, s.tol)
 
     @staticmethod
     def _update(x: Tensor, precond: Preconditioner, V: list[Tensor], cols: list[Tensor],

@@ -29,7 +29,9 @@ class MINRES(B.IterativeSolver):
     The residual vector is carried alongside (``r -= phi_k A w_k``) so that the
     stopping test uses the unpreconditioned ``||b - A x||`` even with ``M``.
     ``Status.BREAKDOWN`` marks an exactly singular projected problem or a
-    preconditioner that is not positive definite (``M`` must be SPD).
+    preconditioner that is not positive definite (``M`` must be SPD). Successive
+    Lanczos vectors probe symmetry for free (``<v_{k-1}, A v_k> = <A v_{k-1}, v_k>``);
+    a system where it fails beyond rounding stops with ``Status.NONSYMMETRIC``.
 
     Args:
         rtol, atol: stop a system once ``||b - A x|| <= max(rtol ||b||, atol)``.
@@ -53,6 +55,7 @@ class MINRES(B.IterativeSolver):
         oldb, dbar, epsln, phibar, sn, cs = zero, zero, zero, beta, zero, -torch.ones_like(beta)
         r1 = r2 = r
         w = w2 = Aw = Aw2 = torch.zeros_like(r)
+        v_prev = Av_prev = None
 
         for k in range(1, maxiter + 1):
             if B.all_finished(status == B.RUNNING, k - 1):
@@ -61,6 +64,10 @@ class MINRES(B.IterativeSolver):
             # Lanczos step: v_k = y / beta_k, next vector from A v_k.
             v = B.vec(B.safe_div(torch.ones_like(beta), beta, active)) * y
             Av = op(v)
+            if v_prev is not None:
+                status = B.mark(status, active & B.asymmetric(v_prev, Av_prev, v, Av), Status.NONSYMMETRIC)
+                active = status == B.RUNNING
+            v_prev, Av_prev = v, Av
             y_new = Av
             if k > 1:
                 y_new = y_new - B.vec(B.safe_div(beta, oldb, active)) * r1
@@ -112,4 +119,4 @@ class MINRES(B.IterativeSolver):
             if history is not None:
                 history.append(rnorm)
 
-        return B.finish(op, b, x, status, its, history, maxiter)
+        return B.finish(op, b, x, status, its, history, maxiter, s.tol)

@@ -74,4 +74,4 @@ class Neumann(B.IterativeSolver):
             if history is not None:
                 history.append(rnorm)
 
-        return B.finish(op, b, x, status, its, history, maxiter)
+        return B.finish(op, b, x, status, its, history, maxiter, s.tol)

@@ -86,8 +86,9 @@ def test_truncated_approaches_unrolled_and_first_order_is_direct_term():
     short = bilevel.hypergradient(Ridge(), lam, data, mode="truncated", truncate=5)
     long = bilevel.hypergradient(Ridge(), lam, data, mode="truncated", truncate=400)
     assert rel(long.grad, ref) < rel(short.grad, ref)
-    # The initialization does not depend on lam and f has no direct lam term: zero.
-    first = bilevel.hypergradient(Ridge(), lam, data, mode="first_order")
+    # The initialization does not depend on lam and f has no direct lam term: zero, and said so.
+    with pytest.warns(bilevel.BilevelWarning, match="all-zero hypergradient"):
+        first = bilevel.hypergradient(Ridge(), lam, data, mode="first_order")
     assert torch.equal(first.grad, torch.zeros_like(lam))
 
 
@@ -413,8 +414,9 @@ def test_missing_methods_are_named():
     class NoInit(Ridge):
         initial_inner = BilevelProblem.initial_inner
 
-    with pytest.raises(NotImplementedError, match="init="):
-        bilevel.hypergradient(NoInit(), torch.zeros(4, dtype=DT), make_data())
+    for mode in ("implicit", "unrolled", "first_order"):
+        with pytest.raises(BilevelError, match="initial_inner.*init="):
+            bilevel.hypergradient(NoInit(), torch.zeros(4, dtype=DT), make_data(), mode=mode)
 
 
 def test_dtype_and_device_mismatch_are_named():
@@ -462,8 +464,15 @@ def test_nan_in_inner_solution_and_hypergradient_are_named():
         def outer_objective(self, w, lam, data):
             return (torch.sqrt(lam - 10.0) * w).sum()  # sqrt of a negative: NaN in d_theta f
 
-    with pytest.raises(NonFiniteError, match="hypergradient"):
+    with pytest.raises(NonFiniteError, match="outer loss"):
         bilevel.hypergradient(NanOuter(), torch.zeros(4, dtype=DT), data, on_failure="ignore")
+
+    class InfGradient(ClosedFormRidge):
+        def outer_objective(self, w, lam, data):
+            return w.pow(2).sum() + torch.sqrt(lam).sum()  # finite at lam = 0, d_theta f = Inf
+
+    with pytest.raises(NonFiniteError, match="hypergradient"):
+        bilevel.hypergradient(InfGradient(), torch.zeros(4, dtype=DT), data, on_failure="ignore")
 
 
 def test_check_result_after_vmap_raises_for_failed_systems():

@@ -10,6 +10,8 @@ a batch of problems equals a loop.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -110,11 +112,17 @@ def test_truncated_after_convergence_matches_closed_form(family, data):
 def test_first_order_is_the_direct_term(family, data):
     """With a constant initialization, first-order = d_theta f at phi* (the implicit term dropped)."""
     case = data.draw(family_cases(family), label="case")
-    result = bilevel.hypergradient(case.problem, case.outer, case.data, mode="first_order", on_failure="raise")
+    zero = family in ("ridge", "logistic")  # f does not depend on theta directly
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = bilevel.hypergradient(case.problem, case.outer, case.data, mode="first_order", on_failure="raise")
+    # Said exactly when the result is all zero (f depends on phi in every family).
+    warned = any(issubclass(w.category, bilevel.BilevelWarning) for w in caught)
+    assert warned == (float(result.grad.abs().max()) == 0.0)
     phi = case.problem.solve_inner(case.outer, case.data, case.problem.initial_inner(case.outer, case.data))
     direct = torch.func.grad(case.problem.outer_objective, argnums=1)(phi, case.outer, case.data)
     torch.testing.assert_close(result.grad, direct, rtol=1e-10, atol=1e-12)
-    if family in ("ridge", "logistic"):  # f does not depend on theta directly
+    if zero:
         assert float(result.grad.abs().max()) == 0.0
 
 

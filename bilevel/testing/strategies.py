@@ -169,7 +169,7 @@ def operator_matrix(kind: str, n: int, condition: float, seed: int, dtype: torch
 
     ``spd``: ``Q diag(s) Q^T``; ``indefinite``: the same with alternating signs
     (the largest eigenvalue positive, so ``n >= 2`` has both signs); ``nonsymmetric``:
-    ``Q1 diag(s) Q2^T`` (nonsingular: its singular values are ``s``). For ``n = 1``
+    ``Q1 diag(s) Q2^T`` (nonsingular: its singular values are ``s``), never symmetric. For ``n = 1``
     the condition number is 1 whatever ``condition`` says.
     """
     if kind not in OPERATOR_KINDS:
@@ -188,7 +188,11 @@ def operator_matrix(kind: str, n: int, condition: float, seed: int, dtype: torch
         signs = torch.tensor([(-1.0) ** (n - 1 - i) for i in range(n)], dtype=torch.float64)
         A = (q * (s * signs)) @ q.T
     else:
+        # Redraw the right factor until A is visibly nonsymmetric: with equal singular
+        # values, Q1 Q2^T can be a reflection, which is symmetric.
         A = (q * s) @ orthogonal().T
+        while n > 1 and torch.linalg.matrix_norm(A - A.T) <= 1e-3 * torch.linalg.matrix_norm(A):
+            A = (q * s) @ orthogonal().T
     return A.to(dtype)
 
 
