@@ -33,7 +33,7 @@ from bilevel.adjoint import AdjointOperator
 from bilevel.errors import BilevelError, BilevelWarning
 from bilevel.policy import (OnFailure, caller_stacklevel, check_inner_residual, check_solve, host_checks_deferred,
                             require_finite, validate_on_failure)
-from bilevel.problem import BilevelProblem, scalar_objective
+from bilevel.problem import BilevelProblem, checked_condition, scalar_objective
 from bilevel.pytree import (PyTree, check_devices_and_dtypes, check_parameters, check_same_structure, ravel,
                             tree_leaves, tree_map, tree_norm)
 from bilevel.solvers import LinearSolver, SolveResult, get_solver
@@ -125,6 +125,8 @@ def hypergradient(
     if init is not None:
         check_parameters(init, "init")
     check_devices_and_dtypes(outer=outer, data=data, init=init)
+    if not host_checks_deferred(outer):
+        require_finite(outer, "the outer parameters", "the outer optimizer diverged or was given bad values")
     if mode == "implicit" and init is None and not (problem.defines_initial_inner
                                                      or problem.overrides_solve_inner):
         raise BilevelError(f"{type(problem).__name__} defines neither initial_inner nor its own solve_inner: "
@@ -188,7 +190,7 @@ def _initial(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | N
 def _residual(problem: BilevelProblem, inner: PyTree, outer: PyTree, data: Any) -> Tensor | None:
     if not problem.defines_optimality:
         return None
-    return tree_norm(problem.optimality(inner, outer, data)).detach()
+    return tree_norm(checked_condition(problem, data)(inner, outer)).detach()
 
 
 def _outer_value_and_grads(problem: BilevelProblem, inner: PyTree, outer: PyTree, data: Any):
@@ -214,8 +216,7 @@ def _solve_detached(problem: BilevelProblem, outer: PyTree, data: Any, init: PyT
 def _implicit(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | None,
               solver: LinearSolver, adjoint_x0: Tensor | None) -> HypergradientResult:
     inner = _solve_detached(problem, outer, data, init)
-    residual, vjp_fn = torch.func.vjp(lambda i, o: problem.optimality(i, o, data), inner, outer)
-    check_same_structure(inner, residual, f"{type(problem).__name__}.optimality's output", "the inner parameters")
+    residual, vjp_fn = torch.func.vjp(checked_condition(problem, data), inner, outer)
     loss, d_inner, d_outer = _outer_value_and_grads(problem, inner, outer, data)
 
     b, unravel = ravel(d_inner)
@@ -233,6 +234,9 @@ def _implicit(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | 
 def _first_order(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | None) -> HypergradientResult:
     inner = _solve_detached(problem, outer, data, init)
     loss, d_inner, d_outer = _outer_value_and_grads(problem, inner, outer, data)
+    if not host_checks_deferred(d_inner):  # dropped below when the start does not depend on theta
+        require_finite(d_inner, "the outer gradient d_phi f at phi*",
+                       "the outer objective or its data (e.g. the validation set) holds NaN/Inf")
     if init is None:  # phi* depends on theta through its initialization only
         _, init_vjp = torch.func.vjp(lambda o: problem.initial_inner(o, data), outer)
         (through_init,) = init_vjp(d_inner)

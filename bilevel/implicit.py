@@ -83,10 +83,11 @@ class _ImplicitRoot(torch.autograd.Function):
             tensors = list(arg_tensors)
             for i, t in zip(diff_idx, diff_tensors):
                 tensors[i] = t
-            return spec.optimality(p, *spec.rebuild_args(tuple(tensors)))
+            residual = spec.optimality(p, *spec.rebuild_args(tuple(tensors)))
+            check_same_structure(p, residual, "the optimality condition's output", "the inner solution")
+            return residual
 
         residual, vjp_fn = torch.func.vjp(condition, phi, *[arg_tensors[i] for i in diff_idx])
-        check_same_structure(phi, residual, "the optimality condition's output", "the inner solution")
         cotangent = [torch.zeros_like(p) if g is None else g for p, g in zip(phi_leaves, grad_phi)]
         b, unravel = ravel(pytree.tree_unflatten(cotangent, spec.phi_spec))
         if not host_checks_deferred(b):

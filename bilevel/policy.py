@@ -7,6 +7,7 @@ the result and :func:`bilevel.check_result` applies the policy afterwards.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -62,10 +63,13 @@ def report(message: str, on_failure: OnFailure) -> None:
 
 
 def check_inner_residual(residual: Tensor | None, residual_tol: float | None, on_failure: OnFailure) -> None:
-    if residual is None or residual_tol is None:
+    if residual is None:
         return
     worst = float(residual.detach().max())
-    if worst > residual_tol:
+    if not math.isfinite(worst):
+        raise NonFiniteError("NaN or Inf in the optimality residual ||G(phi*, theta)||: the inner solution or "
+                             "the optimality condition is not finite there; check the inner data and objective")
+    if residual_tol is not None and worst > residual_tol:
         report(
             f"inner solution is not a root of the optimality condition: ||G(phi*, theta)|| = "
             f"{worst:.3e} > residual_tol = {residual_tol:.1e}, so the implicit hypergradient is "

@@ -17,7 +17,7 @@ from bilevel.errors import BilevelError
 from bilevel.policy import host_checks_deferred
 from bilevel.pytree import PyTree, check_same_structure, tree_map, tree_norm
 
-__all__ = ["BilevelProblem", "scalar_objective"]
+__all__ = ["BilevelProblem", "checked_condition", "scalar_objective"]
 
 
 def scalar_objective(fn: Callable[..., Tensor], name: str) -> Callable[..., Tensor]:
@@ -32,6 +32,19 @@ def scalar_objective(fn: Callable[..., Tensor], name: str) -> Callable[..., Tens
         return out
 
     return checked
+
+
+def checked_condition(problem: "BilevelProblem", data: Any) -> Callable[[PyTree, PyTree], PyTree]:
+    """``(inner, outer) -> problem.optimality(inner, outer, data)``, raising a clear
+    :class:`BilevelError` unless the result has ``inner``'s structure and shapes."""
+    name = f"{type(problem).__name__}.optimality's output"
+
+    def condition(inner: PyTree, outer: PyTree) -> PyTree:
+        residual = problem.optimality(inner, outer, data)
+        check_same_structure(inner, residual, name, "the inner parameters")
+        return residual
+
+    return condition
 
 
 class BilevelProblem:
