@@ -9,7 +9,7 @@ differentiation as baselines.
 from bilevel.cuda_graph import CUDAGraphed
 from bilevel.errors import BilevelError, BilevelWarning, ConvergenceError, ConvergenceWarning, NonFiniteError
 from bilevel.hypergradient import MODES, HypergradientResult, check_result, hypergradient
-from bilevel.implicit import implicit_root
+from bilevel.implicit import implicit_fixed_point, implicit_root
 from bilevel.problem import BilevelProblem
 from bilevel.pytree import module_params, ravel
 
@@ -25,6 +25,7 @@ __all__ = [
     "NonFiniteError",
     "check_result",
     "hypergradient",
+    "implicit_fixed_point",
     "implicit_root",
     "module_params",
     "ravel",

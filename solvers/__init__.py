@@ -11,6 +11,7 @@ Neumann    contractions ``rho(I - alpha A) < 1``       Neumann series
 MINRES     symmetric indefinite                        Paige-Saunders 1975
 GMRES      general nonsymmetric (restarted)            Saad-Schultz 1986
 BiCGSTAB   general nonsymmetric, constant memory       van der Vorst 1992
+NormalCG   any, incl. least squares (CG on A^T A)      Hestenes-Stiefel 1952
 Direct     small systems, ground truth                 LU / least squares
 ========== =========================================== =====================
 
@@ -25,11 +26,12 @@ from .direct import Direct
 from .gmres import GMRES
 from .minres import MINRES
 from .neumann import Neumann
+from .normal_cg import NormalCG
 from .preconditioners import hutchinson_diagonal, jacobi
 from .registry import SOLVERS, get_solver
 
 __all__ = [
-    "SOLVERS", "BiCGSTAB", "CG", "Direct", "GMRES", "LinearSolver", "MINRES", "MatVec", "Neumann",
+    "SOLVERS", "BiCGSTAB", "CG", "Direct", "GMRES", "LinearSolver", "MINRES", "MatVec", "Neumann", "NormalCG",
     "Preconditioner", "SolveResult", "Status", "get_solver", "hutchinson_diagonal", "is_capturing", "is_vmapped", "jacobi",
     "values_hidden",
 ]

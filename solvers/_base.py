@@ -15,9 +15,9 @@ recurrence's own estimate. A stopped system is frozen with
 ``torch.where`` masks, so a batch of systems behaves exactly like the same
 systems solved one at a time.
 
-Nothing here branches on tensor values while ``torch.func.vmap`` is active:
-the host-side "has every system finished?" check is skipped for batched
-(vmapped) tensors, and the loop then simply runs to ``maxiter``.
+Under ``torch.func.vmap`` the one host-side decision, "has every system
+finished?", reads the whole batch beneath the vmap wrappers, so a vmapped solve
+stops when every member has converged; every other step is branch-free.
 """
 
 from __future__ import annotations
@@ -169,19 +169,34 @@ def machine_eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
 
+def physical(t: Tensor) -> Tensor:
+    """The plain tensor under every ``torch.func`` wrapper of ``t``: under ``vmap`` it holds
+    the values of the whole batch (the batch as one more dimension)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        t = functorch.get_unwrapped(t)
+    return t
+
+
 def all_finished(active: Tensor, iteration: int) -> bool:
     """Host-side early exit: True when no system is still active.
 
-    Never consulted under ``vmap`` or while a CUDA graph is captured (the answer
-    is not known to Python there; the solver then runs its ``maxiter``
-    iterations), and off the CPU only every ``_CHECK_EVERY`` iterations to limit
-    device syncs.
+    Under ``torch.func.vmap`` (and so ``jacrev``/``jacfwd``) the flags of the whole
+    batch are read from the physical tensor beneath the wrappers, so a vmapped solve
+    stops once every member has finished, as a batched while-loop does; a finished
+    member is frozen by the solvers' masks meanwhile. Never consulted while a CUDA
+    graph is captured (values exist only at replay: the solver then runs its
+    ``maxiter`` iterations), nor when the values cannot be read at all (tracing);
+    off the CPU only every ``_CHECK_EVERY`` iterations to limit device syncs.
     """
-    if values_hidden(active):
+    if is_capturing(active):
         return False
     if active.device.type != "cpu" and iteration % _CHECK_EVERY:
         return False
-    return not bool(active.any())
+    try:
+        return not bool(physical(active).any())
+    except RuntimeError:  # no values behind the tensor (a tracer)
+        return False
 
 
 # ---------------------------------------------------------- solve scaffolding

@@ -9,11 +9,12 @@ from .direct import Direct
 from .gmres import GMRES
 from .minres import MINRES
 from .neumann import Neumann
+from .normal_cg import NormalCG
 
 __all__ = ["SOLVERS", "get_solver"]
 
 SOLVERS: dict[str, type] = {"cg": CG, "minres": MINRES, "gmres": GMRES, "bicgstab": BiCGSTAB,
-                            "neumann": Neumann, "direct": Direct}
+                            "neumann": Neumann, "direct": Direct, "normal_cg": NormalCG}
 """The solver classes by the lower-case names that ``solver="..."`` and command-line options use."""
 
 

@@ -21,7 +21,7 @@ from collections import Counter
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import bilevel
@@ -208,14 +208,15 @@ def _broken(case: ProblemCase, kind: str) -> bilevel.BilevelProblem:
 @given(case=bst.problems(families=("ridge", "quadratic")),  # closed-form solve_inner: never calls optimality
        kind=st.sampled_from(BAD_DEFINITIONS), mode=st.sampled_from(("implicit", "unrolled", "first_order")))
 def test_broken_problem_definitions_are_clear_errors(case, kind, mode):
+    # Unrolled mode has no reference shape for the start: a short one fails in the user's objective.
+    assume(not (kind == "initial_inner too short" and mode == "unrolled"))
     problem = _broken(case, kind)
     solver = tight(FITTING[STRUCTURE[case.family]][0]) if mode == "implicit" else None
     verdict = classify(lambda: bilevel.hypergradient(problem, case.outer, case.data, mode=mode, solver=solver),
                        grad_vs(case), rtol=1e-6, atol=1e-9)
     record("broken-definition", verdict)
-    # Harmless where the broken method is not used: a start that the closed-form solve_inner
-    # ignores, or solve_inner in the unrolled mode (which runs inner_update instead).
-    unused = kind == "initial_inner too short" or (kind.startswith("solve_inner") and mode == "unrolled")
+    # Harmless where the broken method is not used: solve_inner in the unrolled mode.
+    unused = kind.startswith("solve_inner") and mode == "unrolled"
     if not unused:
         assert verdict.outcome is Outcome.CLEAR_ERROR, f"{kind}: {verdict.outcome.value}: {verdict.detail}"
 

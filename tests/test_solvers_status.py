@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bilevel.solvers import (CG, GMRES, MINRES, BiCGSTAB, Direct, LinearSolver, Neumann,
+from bilevel.solvers import (CG, GMRES, MINRES, BiCGSTAB, Direct, LinearSolver, Neumann, NormalCG,
                              Status, is_vmapped)
 
 F64 = torch.float64
@@ -231,7 +231,7 @@ def test_status_codes_describe_themselves():
 def test_solvers_by_name_cover_every_solver_and_solve_an_spd_system():
     from bilevel.solvers import SOLVERS
 
-    assert set(SOLVERS.values()) == {CG, MINRES, GMRES, BiCGSTAB, Neumann, Direct}
+    assert set(SOLVERS.values()) == {CG, MINRES, GMRES, BiCGSTAB, Neumann, Direct, NormalCG}
     A = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
     b = torch.tensor([1.0, -1.0], dtype=torch.float64)
     for name, cls in SOLVERS.items():
