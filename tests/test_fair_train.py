@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from bilevel import checkpoint
 from bilevel.cli import main
 from bilevel.problems.fair import train as train_module
 from bilevel.problems.fair.data import Task
@@ -82,7 +83,7 @@ def test_constraint_set_reaches_both_constrained_methods_and_the_cli(tmp_path, s
     assert main(["fair", "--dataset", "communities", "--data-dir", str(shared_data), "--methods", "fair",
                  "--constraint-set", "task", "--steps", "1", "--meta-batch", "2", "--c", "0.0", "--episodes", "2",
                  "--inner-steps", "20", "--no-progress", "--out", str(out)]) == 0
-    config = torch.load(out / "fair_c0.pt", weights_only=False)["config"]
+    config = checkpoint.load(out / "fair_c0.pt")["config"]
     assert config["constraint_set"] == "task"
 
 

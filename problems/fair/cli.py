@@ -9,6 +9,15 @@ demographic parity gap, all methods on one figure).
 Example::
 
     bilevel fair --dataset communities --k-shot 10 --c 0.0 0.02 0.05 --steps 200 --out runs/fair_cc
+    bilevel fair --out runs/fair_cc --resume      # continue a stopped comparison, with its settings
+
+An output folder that holds a comparison is refused unless --resume continues it
+or --overwrite deletes it. The settings are kept in ``<out>/run.pt``; --resume
+restores them, and flags given with it must match, except --device, --data-dir
+and --no-progress. Finished runs are taken from ``results.jsonl``, the others
+continue from their checkpoints. A damaged checkpoint is named with the way
+out: --resume previous (the previous checkpoints, kept beside them) or
+--overwrite.
 """
 
 from __future__ import annotations
@@ -17,68 +26,91 @@ import argparse
 import json
 from pathlib import Path
 
-__all__ = ["register", "run"]
+from bilevel.runs import add_run_flags, count, real, track_given
+
+__all__ = ["register", "run", "SETTINGS", "RESUMABLE"]
+
+SETTINGS = "run.pt"
+"""The comparison's settings, written (as a checkpoint) before its first run starts."""
+RESUMABLE = ("device", "data_dir", "no_progress")
+"""Settings that may change when a comparison is resumed; the others must match ``run.pt``."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("fair", help="fair meta-learning (PDFM tasks): implicit primal-dual vs baselines",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    track_given(p)
     p.add_argument("--dataset", default="communities", choices=("communities", "lsac", "adult", "bank", "compas"))
     p.add_argument("--methods", nargs="+", default=["fair", "imaml", "maml", "pdfm"],
                    choices=("fair", "imaml", "maml", "pdfm"))
-    p.add_argument("--c", nargs="+", type=float, default=[0.0, 0.05, 0.2],
+    p.add_argument("--c", nargs="+", type=real(0), default=[0.0, 0.05, 0.2],
                    help="fairness bounds for the constrained methods (default: 0 0.05 0.2)")
-    p.add_argument("--k-shot", type=int, default=10, help="support rows per task (default 10)")
-    p.add_argument("--n-query", type=int, default=10, help="query rows per training task (default 10)")
-    p.add_argument("--meta-batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=100, help="meta-training steps per run (default 100)")
-    p.add_argument("--meta-lr", type=float, default=0.01)
-    p.add_argument("--prox", type=float, default=1.0, help="primal prox strength (fair, iMAML)")
-    p.add_argument("--mu", type=float, default=1.0, help="dual prox strength (fair)")
-    p.add_argument("--delta", type=float, default=0.1, help="smoothing width of |DBC| (fair, default 0.1)")
+    p.add_argument("--k-shot", type=count(1), default=10, help="support rows per task (default 10)")
+    p.add_argument("--n-query", type=count(1), default=10, help="query rows per training task (default 10)")
+    p.add_argument("--meta-batch", type=count(1), default=8)
+    p.add_argument("--steps", type=count(1), default=100, help="meta-training steps per run (default 100)")
+    p.add_argument("--meta-lr", type=real(0, low_open=True), default=0.01)
+    p.add_argument("--prox", type=real(0, low_open=True), default=1.0, help="primal prox strength (fair, iMAML)")
+    p.add_argument("--mu", type=real(0, low_open=True), default=1.0, help="dual prox strength (fair)")
+    p.add_argument("--delta", type=real(0, low_open=True), default=0.1,
+                   help="smoothing width of |DBC| (fair, default 0.1)")
     p.add_argument("--constraint-set", default="support", choices=("support", "task"),
                    help="rows the constrained methods (fair, PDFM) evaluate their fairness constraint on "
                         "while adapting: the labelled support rows (default), or the support rows and the "
                         "query inputs (transductive: x and z only, the query labels stay unseen)")
-    p.add_argument("--outer-fair-weight", type=float, default=1.0,
+    p.add_argument("--outer-fair-weight", type=real(0), default=1.0,
                    help="weight of the query constraint violation in the fair outer loss (default 1)")
-    p.add_argument("--inner-steps", type=int, default=150,
+    p.add_argument("--inner-steps", type=count(1), default=150,
                    help="Nesterov iterations of the iMAML inner solve (default 150)")
-    p.add_argument("--newton-steps", type=int, default=30,
+    p.add_argument("--newton-steps", type=count(1), default=30,
                    help="damped Newton iterations of the fair saddle-point solve (default 30)")
     p.add_argument("--solver", default="minres", choices=("minres", "gmres", "direct", "cg"),
                    help="adjoint solver of the fair method (default minres; cg reports negative curvature)")
-    p.add_argument("--episodes", type=int, default=20, help="evaluation episodes per meta-test task")
-    p.add_argument("--test-fraction", type=float, default=0.3, help="share of tasks held out for meta-test")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--episodes", type=count(1), default=20, help="evaluation episodes per meta-test task")
+    p.add_argument("--test-fraction", type=real(0, 1, low_open=True, high_open=True), default=0.3,
+                   help="share of tasks held out for meta-test")
+    p.add_argument("--seed", type=count(0), default=0)
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--data-dir", default=None, help="data folder (default: $BILEVEL_DATA_DIR or ../shared/data)")
     p.add_argument("--out", default="runs/fair", help="output folder")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    add_run_flags(p, "the checkpoints in --out")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from bilevel.checkpoint import file_patterns, load_for_resume
+    from bilevel.checkpoint import save as save_checkpoint
     from bilevel.devices import resolve_device
+    from bilevel.runs import given_flags, output_patterns, prepare_output, read_records, restore, settings_of
+    from bilevel.runs import write_records
 
     from .data import load_tasks, split_tasks, to_device
     from .plot import tradeoff_plot
-    from .train import Config, evaluate, train
+    from .train import METHODS, Config, evaluate, run_patterns, train
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tasks = load_tasks(args.dataset, args.data_dir, min_rows=args.k_shot + args.n_query)
+    settings = settings_of(args)
+    if args.resume:  # the comparison's settings, with the flags given on top
+        saved = load_for_resume(out / SETTINGS, map_location="cpu")["settings"]
+        settings = restore(saved, settings, given_flags(args), RESUMABLE, out)
+    args = argparse.Namespace(**settings)  # the restored settings from here on
     device = resolve_device(args.device)
+    tasks = load_tasks(args.dataset, args.data_dir, min_rows=args.k_shot + args.n_query)
     train_tasks, test_tasks = (to_device(part, device) for part in split_tasks(tasks, args.test_fraction, args.seed))
+    patterns = (*file_patterns(SETTINGS), *output_patterns("results.jsonl", "tradeoff.png"),
+                *(pattern for m in METHODS for tag in (m, f"{m}_c*") for pattern in run_patterns(tag)))
+    prepare_output(out, patterns, resume=bool(args.resume), overwrite=args.overwrite)
+    if not args.resume:  # before any run starts, so that every comparison folder can be resumed
+        save_checkpoint({"settings": {k: v for k, v in settings.items() if k not in ("out", "resume", "overwrite")}},
+                        out / SETTINGS)
     print(f"{args.dataset}: {len(train_tasks)} meta-train tasks, {len(test_tasks)} meta-test tasks, "
           f"{tasks[0].x.shape[1]} features, on {device}")
     results_path = out / "results.jsonl"
     done = {}
-    if args.resume and results_path.exists():
-        for line in results_path.read_text().splitlines():
-            rec = json.loads(line)
-            done[rec["run"]] = rec
+    if args.resume:  # finished runs; a record cut short by a kill is dropped (its run is evaluated again)
+        done = {rec["run"]: rec for rec in read_records(results_path)}
+        write_records(results_path, done.values())
     records = []
     for method in args.methods:
         for c in (args.c if method in ("fair", "pdfm") else [None]):
@@ -92,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
             if tag in done:
                 records.append(done[tag])
                 continue
-            outer = train(cfg, train_tasks, out, resume=args.resume, progress=not args.no_progress, tag=tag)
+            outer = train(cfg, train_tasks, out, resume=args.resume or False, progress=not args.no_progress,
+                          tag=tag)
             ev = evaluate(cfg, outer, test_tasks, episodes=args.episodes, seed=args.seed + 1)
             rec = {"run": tag, "dataset": args.dataset, "method": method, "c": c, "k_shot": args.k_shot,
                    "steps": args.steps, **ev}

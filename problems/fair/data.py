@@ -41,13 +41,14 @@ from __future__ import annotations
 import csv
 import io
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from bilevel.problems.datafiles import parsing, read_zip_member
 
 __all__ = ["DATASETS", "Task", "data_dir", "load_tasks", "split_tasks", "to_device", "sample_episodes",
            "evaluation_episodes", "synthetic_tasks", "halves"]
@@ -135,8 +136,8 @@ def _adult(root: Path):
 
 
 def _bank(root: Path):
-    with zipfile.ZipFile(root / "bank_marketing" / "bank-additional.zip") as zf:
-        text = zf.read("bank-additional/bank-additional-full.csv").decode()
+    text = read_zip_member(root / "bank_marketing" / "bank-additional.zip",
+                           "bank-additional/bank-additional-full.csv").decode()
     rows = list(csv.DictReader(io.StringIO(text), delimiter=";"))
     numeric = ["age", "campaign", "pdays", "previous", "emp.var.rate", "cons.price.idx", "cons.conf.idx",
                "euribor3m", "nr.employed"]
@@ -164,20 +165,27 @@ def _compas(root: Path):
 
 def load_tasks(dataset: str, root: str | os.PathLike | None = None, *, min_rows: int = 20,
                min_group: int = 2) -> list[Task]:
-    """Load ``dataset`` (one of :data:`DATASETS`) as a list of tasks, sorted by name."""
-    root = data_dir(root)
-    if dataset == "communities":
-        raw, per_task = _pdfm(root / "pdfm" / "communities_and_crime.csv", drop=("x23",), zero_is_missing=True), True
-    elif dataset == "lsac":
-        raw, per_task = _pdfm(root / "pdfm" / "lsac.csv", drop=()), True
-    elif dataset == "adult":
-        raw, per_task = _adult(root), False
-    elif dataset == "bank":
-        raw, per_task = _bank(root), False
-    elif dataset == "compas":
-        raw, per_task = _compas(root), False
-    else:
+    """Load ``dataset`` (one of :data:`DATASETS`) as a list of tasks, sorted by name.
+
+    A damaged or unexpected file raises :class:`~bilevel.problems.datafiles.DataFileError` naming it.
+    """
+    if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
+    root = data_dir(root)
+    files = {"communities": root / "pdfm" / "communities_and_crime.csv", "lsac": root / "pdfm" / "lsac.csv",
+             "adult": root / "adult", "bank": root / "bank_marketing" / "bank-additional.zip",
+             "compas": root / "compas" / "compas-scores-two-years.csv"}
+    with parsing(files[dataset]):
+        if dataset == "communities":
+            raw, per_task = _pdfm(files[dataset], drop=("x23",), zero_is_missing=True), True
+        elif dataset == "lsac":
+            raw, per_task = _pdfm(files[dataset], drop=()), True
+        elif dataset == "adult":
+            raw, per_task = _adult(root), False
+        elif dataset == "bank":
+            raw, per_task = _bank(root), False
+        else:
+            raw, per_task = _compas(root), False
     tasks = _group(*raw, binarize_per_task=per_task, min_rows=min_rows, min_group=min_group)
     if len(tasks) < 2:
         raise ValueError(f"{dataset}: only {len(tasks)} task(s) have >= {min_rows} rows and >= {min_group} "

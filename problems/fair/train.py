@@ -4,15 +4,16 @@ One meta-step: a meta-batch of episodes, ``torch.func.vmap`` of
 :func:`bilevel.hypergradient` over the tasks (the outer parameters shared),
 :func:`bilevel.check_result` on the batched diagnostics, the mean
 hypergradient, one Adam step. PDFM's ``lambda0`` instead takes its projected
-meta dual step. Metrics go to a JSON-lines file; checkpoints are written
-atomically every ``ckpt_every`` steps and ``resume`` continues exactly (the
-parameters, Adam's state and the episode sampler's state are restored).
+meta dual step. Metrics go to a JSON-lines file; checkpoints are written every
+``ckpt_every`` steps by :func:`bilevel.checkpoint.save` (atomic, with a digest
+checked on load, the previous one kept as ``<run>.prev.pt``) and ``resume``
+continues exactly (the parameters, Adam's state and the episode sampler's state
+are restored).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +23,9 @@ import torch
 
 import bilevel
 from bilevel import BilevelProblem
+from bilevel.checkpoint import file_patterns, load_for_resume, previous_path
+from bilevel.checkpoint import save as save_checkpoint
+from bilevel.runs import output_patterns, prepare_output, read_records, write_records
 from bilevel.solvers import CG, GMRES, MINRES, Direct
 
 from .baselines import GradientStepProblem, PDFMProblem, ProxLogisticProblem, pdfm_dual_step, probability_dbc
@@ -30,7 +34,7 @@ from .metrics import METRICS, mean_ci, task_metrics
 from .model import init_params, score
 from .problem import FairMetaProblem
 
-__all__ = ["METHODS", "Config", "Method", "build_method", "initial_outer", "train", "evaluate"]
+__all__ = ["METHODS", "Config", "Method", "build_method", "initial_outer", "train", "evaluate", "run_patterns"]
 
 METHODS = ("fair", "imaml", "maml", "pdfm")
 SOLVERS = {"minres": lambda: MINRES(rtol=1e-8, maxiter=50), "gmres": lambda: GMRES(rtol=1e-8, maxiter=50),
@@ -126,10 +130,9 @@ def _detached(tree: Any) -> Any:
     return bilevel.pytree.tree_map(torch.Tensor.detach, tree)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def run_patterns(tag: str) -> tuple[str, ...]:
+    """Glob patterns of the files that the run ``tag`` writes: its checkpoints and its log."""
+    return (*file_patterns(f"{tag}.pt"), *output_patterns(f"{tag}.jsonl"))
 
 
 def _log(path: Path, record: dict) -> None:
@@ -137,17 +140,19 @@ def _log(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def train(cfg: Config, tasks: list[Task], out: Path, *, resume: bool = False, progress: bool = True,
+def train(cfg: Config, tasks: list[Task], out: Path, *, resume: bool | str = False, progress: bool = True,
           tag: str | None = None) -> dict:
     """Meta-train ``cfg.method`` on ``tasks``; returns the outer parameters.
 
     Writes ``out/<tag>.jsonl`` (one record every ``log_every`` steps) and the
     checkpoint ``out/<tag>.pt``; with ``resume`` an existing checkpoint is
-    continued exactly and log records after it are dropped. Runs on the device
-    of the tasks' tensors (see :func:`~bilevel.problems.fair.data.to_device`).
+    continued exactly (``resume="previous"``: the previous one kept beside it)
+    and log records after it are dropped; without, existing files of the run
+    ``tag`` are refused (``FileExistsError``). Runs on the device of the tasks'
+    tensors (see :func:`~bilevel.problems.fair.data.to_device`).
     """
     tag = tag or f"{cfg.method}_c{cfg.c:g}"
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output(out, run_patterns(tag), resume=bool(resume), overwrite=False)
     log_path, ckpt_path = out / f"{tag}.jsonl", out / f"{tag}.pt"
     method = build_method(cfg)
     device = tasks[0].x.device
@@ -159,8 +164,8 @@ def train(cfg: Config, tasks: list[Task], out: Path, *, resume: bool = False, pr
     optimizer = torch.optim.Adam(trained, lr=cfg.meta_lr)
     generator = torch.Generator().manual_seed(cfg.seed)
     start = 0
-    if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False, map_location=device)
+    if resume and (ckpt_path.exists() or previous_path(ckpt_path).exists()):
+        state = load_for_resume(ckpt_path, resume, map_location=device)
         if state["config"] != asdict(cfg):
             raise ValueError(f"{ckpt_path} was written with a different configuration; remove it or "
                              "rerun without --resume")
@@ -170,9 +175,7 @@ def train(cfg: Config, tasks: list[Task], out: Path, *, resume: bool = False, pr
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         start = state["step"]
-        if log_path.exists():
-            kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln).get("step", 0) <= start]
-            log_path.write_text("".join(ln + "\n" for ln in kept))
+        write_records(log_path, read_records(log_path, upto=start))
     elif log_path.exists():
         log_path.unlink()
 
@@ -204,8 +207,8 @@ def train(cfg: Config, tasks: list[Task], out: Path, *, resume: bool = False, pr
             _log(log_path, record)
             bar.set_postfix(loss=f"{record['outer_loss']:.3f}")
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-            _atomic_save({"step": step + 1, "config": asdict(cfg), "leaves": [t.detach() for t in leaves],
-                          "optimizer": optimizer.state_dict(), "generator": generator.get_state()}, ckpt_path)
+            save_checkpoint({"step": step + 1, "config": asdict(cfg), "leaves": [t.detach() for t in leaves],
+                             "optimizer": optimizer.state_dict(), "generator": generator.get_state()}, ckpt_path)
     return {"theta": {"w": leaves[0].detach(), "b": leaves[1].detach()}, "lambda0": leaves[2].detach()}
 
 

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bilevel.problems.datafiles import ARCHIVE_ERRORS
+
 __all__ = ["MNIST", "MNIST_FILES", "MIRRORS", "data_root", "mnist_dir", "load_mnist", "download_mnist",
            "read_idx"]
 
@@ -85,8 +87,9 @@ def read_idx(path: Path, sha256: str | None = None) -> Tensor:
     try:
         with gzip.open(path, "rb") as fh:
             raw = fh.read()
-    except (OSError, EOFError) as err:
-        raise ValueError(f"{path} is not a readable gzip file ({err}); delete it and download it again "
+    except ARCHIVE_ERRORS as err:
+        raise ValueError(f"{path} is not a readable gzip file ({type(err).__name__}: {err}); delete it and "
+                         "copy or download it again "
                          "(download=True, or --download on the command line)") from err
     if sha256 is not None:
         digest = hashlib.sha256(raw).hexdigest()

@@ -25,13 +25,14 @@ from __future__ import annotations
 import csv
 import io
 import os
-import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from bilevel.problems.datafiles import parsing, read_zip_member
 
 from .mnist import data_root
 
@@ -97,8 +98,8 @@ def _adult(root: Path) -> Tabular:
 
 
 def _bank(root: Path) -> Tabular:
-    with zipfile.ZipFile(_require(root / "bank_marketing" / "bank-additional.zip", "bank")) as zf:
-        text = zf.read("bank-additional/bank-additional-full.csv").decode()
+    text = read_zip_member(_require(root / "bank_marketing" / "bank-additional.zip", "bank"),
+                           "bank-additional/bank-additional-full.csv").decode()
     header, *rows = list(csv.reader(io.StringIO(text), delimiter=";"))
     numeric = ["age", "campaign", "pdays", "previous", "emp.var.rate", "cons.price.idx", "cons.conf.idx",
                "euribor3m", "nr.employed"]
@@ -132,6 +133,8 @@ def _german(root: Path) -> Tabular:
 TABULAR_SETS: dict[str, Callable[[Path], Tabular]] = {
     "adult": _adult, "bank": _bank, "compas": _compas, "german": _german}
 SKLEARN_SETS = ("digits", "breast_cancer", "wine", "iris")
+_FOLDERS = {"adult": "adult", "bank": "bank_marketing/bank-additional.zip",
+            "compas": "compas/compas-scores-two-years.csv", "german": "german/german.data"}
 
 
 def _sklearn(name: str) -> Tabular:
@@ -150,7 +153,9 @@ def _sklearn(name: str) -> Tabular:
 def load_tabular(name: str, data_dir: str | os.PathLike | None = None) -> Tabular:
     """Load one of :data:`TABULAR_SETS` (from the data directory) or :data:`SKLEARN_SETS`."""
     if name in TABULAR_SETS:
-        return TABULAR_SETS[name](data_root(data_dir))
+        root = data_root(data_dir)
+        with parsing(root / _FOLDERS[name]):
+            return TABULAR_SETS[name](root)
     if name in SKLEARN_SETS:
         return _sklearn(name)
     raise ValueError(f"unknown tabular data set {name!r}; choose one of "

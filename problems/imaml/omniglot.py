@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bilevel.problems.datafiles import ARCHIVE_ERRORS
+
 __all__ = ["ARCHIVES", "OmniglotError", "Omniglot", "OfficialRun", "content_digest", "data_directory",
            "cache_directory", "locate_archive", "load_omniglot", "load_official_runs", "IMAGE_SIZE", "SPLITS"]
 
@@ -74,9 +76,9 @@ def content_digest(path: Path) -> str:
         with zipfile.ZipFile(path) as archive:
             lines = sorted(f"{name}\t{hashlib.sha256(archive.read(name)).hexdigest()}\n"
                            for name in archive.namelist() if name.endswith(".png"))
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise OmniglotError(f"{path} is not a readable zip archive ({err}); delete it and download "
-                            f"it again from {OFFICIAL_URL}") from err
+    except ARCHIVE_ERRORS as err:  # a damaged archive fails here, before any image is decoded
+        raise OmniglotError(f"{path} is not a readable zip archive ({type(err).__name__}: {err}); delete it and "
+                            f"copy it again, or download it again from {OFFICIAL_URL}") from err
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 

@@ -8,9 +8,13 @@ and are read back every ``log_every`` steps only, written as JSON lines to
 status (``negative_curvature`` counts the tasks whose ``I + H/lam`` was found
 indefinite by CG), evaluation before and after adaptation.
 
-``<out_dir>/checkpoint.pt`` (meta-parameters, Adam state, step, sampler state)
-is replaced atomically every ``checkpoint_every`` steps; :func:`train` with
-``resume=True`` continues from it exactly as if the run had not stopped.
+``<out_dir>/checkpoint.pt`` (settings, meta-parameters, Adam state, step,
+sampler state) is written at step 0 and every ``checkpoint_every`` steps by
+:func:`bilevel.checkpoint.save` (atomic, with a SHA-256 digest checked on load,
+the previous one kept as ``checkpoint.prev.pt``); :func:`train` with
+``resume=True`` continues from it exactly as if the run had not stopped
+(``resume="previous"`` from the previous one). A folder that holds a run is
+refused unless it is resumed or ``overwrite=True`` deletes that run's files.
 ``max_minutes`` stops a run at the first log step past that wall-clock budget,
 with a checkpoint, so ``--resume`` (with more time) continues it.
 """
@@ -20,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,17 +31,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from bilevel.checkpoint import file_patterns, load_for_resume
+from bilevel.checkpoint import save as save_checkpoint
 from bilevel.cuda_graph import CUDAGraphed
 from bilevel.problems.imaml.config import RESUMABLE, Config
 from bilevel.problems.imaml.experiment import Experiment, build
 from bilevel.problems.imaml.models import Params
 from bilevel.problems.imaml.problem import MetaGradient, adapt, meta_gradient
+from bilevel.runs import output_patterns, prepare_output, read_records, write_records
 from bilevel.solvers import Status
 
-__all__ = ["train", "evaluate", "load_checkpoint", "CHECKPOINT", "METRICS"]
+__all__ = ["train", "evaluate", "load_checkpoint", "CHECKPOINT", "METRICS", "RUN_FILES"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+RUN_FILES = (*file_patterns(CHECKPOINT),
+             *output_patterns(METRICS, "final.json", "learning_curves.png", "sinusoid_fits.png"))
+"""The files a run writes in its folder (globs): what ``overwrite`` deletes."""
 EVAL_SEED = 1  # evaluation tasks come from their own generator, the same at every evaluation
 
 
@@ -73,23 +82,20 @@ def evaluate(exp: Experiment, theta: Params, n_tasks: int, chunk: int, device: t
     return result
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _save(out: Path, config: Config, step: int, rng: np.random.Generator, seconds: float, theta: Params,
+          optimizer: torch.optim.Optimizer) -> None:
+    """Checkpoint the run at ``step`` (plain values and CPU tensors only: it is read with ``weights_only``)."""
+    save_checkpoint({"config": config.to_dict(), "step": step, "rng": rng.bit_generator.state, "seconds": seconds,
+                     "theta": {k: v.cpu() for k, v in theta.items()}, "optimizer": optimizer.state_dict()},
+                    out / CHECKPOINT)
 
 
-def load_checkpoint(out_dir: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint of the run in ``out_dir``."""
-    path = Path(out_dir) / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: start the run without --resume")
-    return torch.load(path, map_location="cpu", weights_only=False)
+def load_checkpoint(out_dir: str | os.PathLike, resume: bool | str = True) -> dict[str, Any]:
+    """The checkpoint of the run in ``out_dir`` (``resume="previous"``: the previous one kept beside it).
+
+    Raises :class:`~bilevel.errors.CheckpointError` when it is damaged, ``FileNotFoundError`` when absent.
+    """
+    return load_for_resume(Path(out_dir) / CHECKPOINT, resume, map_location="cpu")
 
 
 def _check_compatible(saved: dict[str, Any], config: Config) -> None:
@@ -103,11 +109,9 @@ def _check_compatible(saved: dict[str, Any], config: Config) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop the lines logged after ``step`` (written after the checkpoint, before a crash)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    """Drop the lines logged after ``step`` (written after the checkpoint, before a crash), and a
+    last line cut short by a kill."""
+    write_records(path, read_records(path, upto=step))
 
 
 class _Window:
@@ -140,16 +144,17 @@ class _Window:
         return out
 
 
-def train(config: Config, *, resume: bool = False,
+def train(config: Config, *, resume: bool | str = False, overwrite: bool = False,
           omniglot_images: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
     """Run (or resume) the meta-training described by ``config``; returns the final evaluation.
 
     Writes ``metrics.jsonl``, ``checkpoint.pt``, ``final.json`` and PNG plots in
-    ``config.out_dir``.
+    ``config.out_dir``. ``resume``: ``True`` (or ``"latest"``) continues from the
+    checkpoint there, ``"previous"`` from the previous one kept beside it; a folder
+    holding a run is refused (``FileExistsError``) unless resumed or ``overwrite``.
     """
     config = config.resolved()
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output(config.out_dir, RUN_FILES, resume=bool(resume), overwrite=overwrite)
     device = torch.device(config.device)
     exp = build(config, omniglot_images)
     theta = {k: v.to(device) for k, v in exp.init.items()}
@@ -158,7 +163,7 @@ def train(config: Config, *, resume: bool = False,
     step, elapsed = 0, 0.0
     metrics_path = out / METRICS
     if resume:
-        saved = load_checkpoint(out)
+        saved = load_checkpoint(out, resume)
         _check_compatible(saved["config"], config)
         for k, v in saved["theta"].items():
             theta[k].copy_(v)
@@ -168,6 +173,7 @@ def train(config: Config, *, resume: bool = False,
         elapsed = saved.get("seconds", 0.0)  # checkpoints written before it was saved start the clock at 0
         _truncate_metrics(metrics_path, step)
     else:
+        _save(out, config, 0, rng, 0.0, theta, optimizer)
         metrics_path.write_text("")
 
     from tqdm import tqdm
@@ -202,10 +208,7 @@ def train(config: Config, *, resume: bool = False,
                 log.flush()
                 bar.set_postfix(_postfix(record))
             if step % config.checkpoint_every == 0 or last:
-                _atomic_save({"config": config.to_dict(), "step": step, "rng": rng.bit_generator.state,
-                              "seconds": time.perf_counter() - started,
-                              "theta": {k: v.cpu() for k, v in theta.items()},
-                              "optimizer": optimizer.state_dict()}, out / CHECKPOINT)
+                _save(out, config, step, rng, time.perf_counter() - started, theta, optimizer)
             if last:
                 break
     bar.close()
