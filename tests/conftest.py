@@ -9,6 +9,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from bilevel.datadir import DATA_DIR_ENV, resolve_data_dir
+
 settings.register_profile(
     "default", deadline=None, max_examples=25,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -36,14 +38,16 @@ def _no_leaked_global_torch_state():
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """Directory of the real data sets (``../shared/data`` beside the checkout).
+    """Directory of the real data sets, by the library's rule (:func:`bilevel.datadir.resolve_data_dir`,
+    looking for ``shared/data`` from the checkout), with ``BILEVEL_SHARED_DATA`` honored when
+    ``BILEVEL_DATA_DIR`` is unset.
 
-    Override with ``BILEVEL_SHARED_DATA``. The tests that use it fail, not skip,
-    when it is missing: CI always has it.
+    The tests that use it fail, not skip, when it is missing: CI always has it.
     """
-    path = Path(os.environ.get("BILEVEL_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+    legacy = os.environ.get("BILEVEL_SHARED_DATA") if not os.environ.get(DATA_DIR_ENV) else None
+    path = resolve_data_dir(legacy, start=REPO_ROOT)
     if not path.is_dir():
         raise FileNotFoundError(
-            f"real data sets not found at {path}; set BILEVEL_SHARED_DATA to the folder "
+            f"real data sets not found at {path}; set {DATA_DIR_ENV} to the folder "
             "that holds omniglot/, mnist/, pdfm/ ...")
     return path

@@ -34,6 +34,7 @@ def test_data_root_precedence(monkeypatch, tmp_path):
     assert data_root() == tmp_path / "env"
     assert mnist_dir() == tmp_path / "env" / "mnist"
     monkeypatch.delenv("BILEVEL_DATA_DIR")
+    monkeypatch.chdir(tmp_path)  # no shared/data above it
     assert data_root().parts[-3:] == (".cache", "bilevel", "data")
 
 

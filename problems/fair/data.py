@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bilevel.datadir import resolve_data_dir
 from bilevel.problems.datafiles import parsing, read_zip_member
 
 __all__ = ["DATASETS", "Task", "data_dir", "load_tasks", "split_tasks", "to_device", "sample_episodes",
@@ -70,10 +71,8 @@ class Task:
 
 
 def data_dir(path: str | os.PathLike | None = None) -> Path:
-    """The data directory: ``path``, else ``$BILEVEL_DATA_DIR``, else ``../shared/data`` beside the checkout."""
-    if path is None:
-        path = os.environ.get("BILEVEL_DATA_DIR") or Path(__file__).resolve().parents[3] / "shared" / "data"
-    path = Path(path)
+    """The data directory (:func:`bilevel.datadir.resolve_data_dir`), checked to exist."""
+    path = resolve_data_dir(path)
     if not path.is_dir():
         raise FileNotFoundError(f"data directory {path} not found; pass --data-dir or set BILEVEL_DATA_DIR "
                                 "to the folder that holds pdfm/, adult/, bank_marketing/, compas/")

@@ -1,8 +1,9 @@
 """MNIST (LeCun, Cortes & Burges) from the standard ``*-idx?-ubyte.gz`` files.
 
 The four files are read from ``<data dir>/mnist/`` (or from the folder itself
-when it holds them directly), where the data dir is ``data_dir``, else the
-environment variable ``BILEVEL_DATA_DIR``, else ``~/.cache/bilevel/data``.
+when it holds them directly), where the data dir follows the library's rule
+(:func:`bilevel.datadir.resolve_data_dir`: ``data_dir``, ``$BILEVEL_DATA_DIR``,
+the nearest ``shared/data``, ``~/.cache/bilevel/data``).
 Each file is checked by the sha256 of its *decompressed* content, so the
 original downloads and re-compressed copies are accepted alike, and nothing
 else is. ``download=True`` fetches missing files from the public mirrors.
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bilevel.datadir import resolve_data_dir
 from bilevel.problems.datafiles import ARCHIVE_ERRORS
 
 __all__ = ["MNIST", "MNIST_FILES", "MIRRORS", "data_root", "mnist_dir", "load_mnist", "download_mnist",
@@ -61,13 +63,8 @@ class MNIST(NamedTuple):
 
 
 def data_root(data_dir: str | os.PathLike | None = None) -> Path:
-    """The data directory: ``data_dir``, else ``$BILEVEL_DATA_DIR``, else ``~/.cache/bilevel/data``."""
-    if data_dir is not None:
-        return Path(data_dir).expanduser()
-    env = os.environ.get("BILEVEL_DATA_DIR")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "bilevel" / "data"
+    """The data directory, by :func:`bilevel.datadir.resolve_data_dir`."""
+    return resolve_data_dir(data_dir)
 
 
 def mnist_dir(data_dir: str | os.PathLike | None = None) -> Path:

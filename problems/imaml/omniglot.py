@@ -2,8 +2,9 @@
 
 The loader reads the official archives ``images_background.zip`` (964
 characters) and ``images_evaluation.zip`` (659 characters), 20 drawings each,
-from a data directory (``data_dir`` argument, else ``$BILEVEL_DATA_DIR``, else
-``~/.cache/bilevel/data``; an ``omniglot/`` subfolder is used when present) and
+from the data directory (:func:`bilevel.datadir.resolve_data_dir`: ``data_dir``,
+``$BILEVEL_DATA_DIR``, the nearest ``shared/data``, ``~/.cache/bilevel/data``;
+an ``omniglot/`` subfolder is used when present) and
 downloads them from the official repository when they are absent.
 
 Archives are validated by their *content digest*: the sha256 of the sorted lines
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bilevel.datadir import resolve_data_dir
 from bilevel.problems.datafiles import ARCHIVE_ERRORS
 
 __all__ = ["ARCHIVES", "OmniglotError", "Omniglot", "OfficialRun", "content_digest", "data_directory",
@@ -58,10 +60,9 @@ class OmniglotError(OSError):
 
 
 def data_directory(data_dir: str | os.PathLike | None = None) -> Path:
-    """Where the archives live: ``data_dir``, ``$BILEVEL_DATA_DIR`` or ``~/.cache/bilevel/data``
-    (its ``omniglot/`` subfolder when there is one)."""
-    root = Path(data_dir or os.environ.get("BILEVEL_DATA_DIR") or Path.home() / ".cache" / "bilevel" / "data")
-    root = root.expanduser()
+    """Where the archives live: the data directory (:func:`bilevel.datadir.resolve_data_dir`),
+    its ``omniglot/`` subfolder when there is one."""
+    root = resolve_data_dir(data_dir)
     return root / "omniglot" if (root / "omniglot").is_dir() else root
 
 
