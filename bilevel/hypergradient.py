@@ -38,7 +38,7 @@ from bilevel.pytree import (PyTree, check_devices_and_dtypes, check_parameters, 
                             tree_leaves, tree_map, tree_norm)
 from bilevel.solvers import LinearSolver, SolveResult, get_solver
 from bilevel.solvers._base import IterativeSolver, poison
-from bilevel.solvers._result import register_result_pytree
+from bilevel.solvers._result import register_result_pytree, result_repr
 
 __all__ = ["HypergradientResult", "hypergradient", "check_result", "MODES"]
 
@@ -65,6 +65,8 @@ class HypergradientResult:
     outer_loss: Tensor
     inner_residual: Tensor | None = None
     solve: SolveResult | None = None
+
+    __repr__ = result_repr
 
 
 def hypergradient(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch import Tensor
@@ -30,6 +30,60 @@ def register_result_pytree(cls: type[T]) -> type[T]:
 
     pytree.register_pytree_node(cls, flatten, unflatten, serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
     return cls
+
+
+SHOWN_VALUES = 8
+"""Tensors of at most this many elements show their values in a result's ``repr``."""
+
+
+class _Shown:
+    """A string that ``repr`` writes as it is (a leaf of a shown pytree)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _number(value: Any) -> str:
+    if not isinstance(value, float):
+        return repr(value)
+    text = f"{value:.4g}"
+    return text if any(c in text for c in ".ein") else text + ".0"
+
+
+def _nested(values: Any, word: Callable[[Any], str]) -> str:
+    if isinstance(values, list):
+        return "[" + ", ".join(_nested(v, word) for v in values) + "]"
+    return word(values)
+
+
+def show(value: Any, status: bool = False) -> str:
+    """``value`` for a ``repr``: plain numbers for a 0-d tensor, (nested) lists for a few elements,
+    shape and dtype for more or for values unreadable now (vmap, CUDA-graph capture); with
+    ``status``, :class:`Status` names instead of codes. Pytrees keep their structure, and
+    results inside them show as their own ``repr``."""
+    from ._base import values_hidden
+
+    def is_result(x: Any) -> bool:
+        return getattr(type(x), "__repr__", None) is result_repr
+
+    def leaf(t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return _Shown(repr(t))
+        if values_hidden(t) or t.numel() > SHOWN_VALUES:
+            return _Shown(f"Tensor(shape={tuple(t.shape)}, dtype={t.dtype})")
+        return _Shown(_nested(t.detach().cpu().tolist(), lambda v: Status(v).name if status else _number(v)))
+
+    return repr(pytree.tree_map(leaf, value, is_leaf=is_result))
+
+
+def result_repr(obj: Any) -> str:
+    """``Name(field=..., ...)`` of a result dataclass, each field by :func:`show`."""
+    fields = ", ".join(f"{f.name}={show(getattr(obj, f.name), status=f.name == 'status')}"
+                       for f in dataclasses.fields(obj))
+    return f"{type(obj).__name__}({fields})"
 
 
 class Status(enum.IntEnum):
@@ -104,6 +158,8 @@ class SolveResult:
     residual_norm: Tensor
     status: Tensor
     history: Tensor | None = None
+
+    __repr__ = result_repr
 
     def failures(self) -> list[str]:
         """Readable descriptions of every system that did not converge (host sync)."""
