@@ -13,6 +13,8 @@ import importlib
 import os
 import sys
 
+from bilevel import __version__
+
 COMMANDS = {
     "imaml": "bilevel.problems.imaml.cli",
     "hyperopt": "bilevel.problems.hyperparameter.cli",
@@ -24,6 +26,7 @@ COMMANDS = {
 def build_parser(commands: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser with the given subcommands registered (all of them by default)."""
     parser = argparse.ArgumentParser(prog="bilevel", description="Differentiable bilevel optimization.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS if commands is None else commands:
         importlib.import_module(COMMANDS[name]).register(sub)

@@ -18,6 +18,26 @@ def test_help_lists_every_command(capsys):
         assert name in out
 
 
+def test_version_matches_the_package_metadata(capsys):
+    import tomllib
+    from pathlib import Path
+
+    declared = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"bilevel {declared}"
+
+
+def test_python_m_bilevel_prints_the_version():
+    import subprocess
+
+    import bilevel
+
+    done = subprocess.run([sys.executable, "-m", "bilevel", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"bilevel {bilevel.__version__}"
+
+
 def test_only_the_requested_command_module_is_imported(monkeypatch):
     for module in cli.COMMANDS.values():
         monkeypatch.delitem(sys.modules, module, raising=False)
