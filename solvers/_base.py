@@ -11,7 +11,10 @@ therefore have shape ``batch`` and vectors ``(*batch, n)``.
 Every solver stops a system once ``||b - A x|| <= max(rtol * ||b||, atol)``,
 the test of :mod:`scipy.sparse.linalg`, and :func:`finish` decides the final
 status on the true residual recomputed from the last iterate, never on the
-recurrence's own estimate. A stopped system is frozen with
+recurrence's own estimate. Inside the loop only scalars are checked for NaN/Inf
+(the residual norm, the curvature): a non-finite iterate shows in the true
+residual at the end, one vector check per solve instead of one per iteration.
+A stopped system is frozen with
 ``torch.where`` masks, so a batch of systems behaves exactly like the same
 systems solved one at a time.
 

@@ -83,7 +83,7 @@ class BiCGSTAB(B.IterativeSolver):
             r_new = B.select(half, s_vec, r_full)
             rnorm_new = B.select(half, s_norm, B.norm(r_full))
 
-            fine = torch.isfinite(rnorm_new) & B.finite(x_new)
+            fine = torch.isfinite(rnorm_new)
             status = B.mark(status, active & ~fine, Status.NONFINITE)
             status = B.mark(status, active & fine & ~(ok_rho & ok_rv), Status.BREAKDOWN)
             step = active & fine & ok_rho & ok_rv

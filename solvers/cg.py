@@ -69,7 +69,7 @@ class CG(B.IterativeSolver):
             x_new = x + B.vec(alpha) * p
             r_new = r - B.vec(alpha) * Ap
             rnorm_new = B.norm(r_new)
-            ok = torch.isfinite(pAp) & torch.isfinite(rnorm_new) & B.finite(x_new)
+            ok = torch.isfinite(pAp) & torch.isfinite(rnorm_new)
             status = B.mark(status, active & ~negative & ~ok, Status.NONFINITE)
             step = active & ~negative & ok
             x = B.select(step, x_new, x)

@@ -96,7 +96,7 @@ class MINRES(B.IterativeSolver):
             r_new = r - B.vec(phi) * Aw_new
             rnorm_new = B.norm(r_new)
 
-            ok = torch.isfinite(rnorm_new) & B.finite(x_new)
+            ok = torch.isfinite(rnorm_new)
             status = B.mark(status, active & ~ok, Status.NONFINITE)
             status = B.mark(status, active & ok & ~(spd & regular), Status.BREAKDOWN)
             step = active & ok & spd & regular

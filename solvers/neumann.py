@@ -63,7 +63,7 @@ class Neumann(B.IterativeSolver):
             rnorm_new = B.norm(r_new)
             grew = (rnorm_new > limit) | torch.isinf(rnorm_new)
             status = B.mark(status, active & grew, Status.DIVERGED)
-            bad = torch.isnan(rnorm_new) | ~B.finite(x_new)
+            bad = torch.isnan(rnorm_new)
             status = B.mark(status, active & ~grew & bad, Status.NONFINITE)
             step = active & ~grew & ~bad
             x = B.select(step, x_new, x)

@@ -75,7 +75,7 @@ class NormalCG(B.IterativeSolver):
             x_new = x + B.vec(alpha) * p
             r_new = r - B.vec(alpha) * q
             rnorm_new = B.norm(r_new)
-            ok = torch.isfinite(rnorm_new) & B.finite(x_new)
+            ok = torch.isfinite(rnorm_new)
             status = B.mark(status, active & ~ok, Status.NONFINITE)
             status = B.mark(status, active & ok & ~(qq > 0), Status.BREAKDOWN)
             step = active & ok & (qq > 0)

@@ -180,11 +180,10 @@ def test_deep_equilibrium_layer_matches_unrolled_differentiation():
 
 # --------------------------------------------------------------- solvers by name
 
-@pytest.mark.parametrize("name", sorted(solvers.SOLVERS))
-def test_every_solver_by_name_in_hypergradient_and_implicit_root(name):
+# Neumann's default step alpha=1 needs an operator scaled below 2: by name it fits only such problems.
+@pytest.mark.parametrize("name", sorted(set(solvers.SOLVERS) - {"neumann"}))
+def test_every_solver_by_name_in_implicit_root(name):
     X, y, lam = ridge_parts(3, 12, 4)
-    if name == "neumann":
-        pytest.skip("Neumann's default alpha=1 needs a scaled operator; covered in test_solvers_status")
     want = torch.func.grad(lambda l: exact_ridge(l, X, y).pow(2).sum())(lam)
     theta = lam.clone().requires_grad_()
     implicit_ridge(name)(theta, X, y).pow(2).sum().backward()
