@@ -156,19 +156,22 @@ def prepare_output(folder: str | os.PathLike, patterns: Iterable[str], *, resume
 
     A folder holding such files is refused (``FileExistsError``) unless the run is
     resumed; with ``overwrite`` those files (and only those) are deleted first.
+    Temporary files (``*.tmp``) left by a killed write do not make a run; they are
+    deleted in every case.
     """
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other: resume the run, or start it over")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     found = run_files(folder, patterns)
-    if overwrite:
-        for path in found:
-            path.unlink()
-    elif found and not resume:
-        names = ", ".join(p.name for p in found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
+    kept = [p for p in found if p.suffix != ".tmp"]
+    if kept and not (resume or overwrite):
+        names = ", ".join(p.name for p in kept[:6]) + (f" and {len(kept) - 6} more" if len(kept) > 6 else "")
         raise FileExistsError(f"{folder} already holds a run ({names}): continue it with --resume, start over "
                               "with --overwrite (deletes those files), or choose another output folder")
+    for path in found:
+        if overwrite or path.suffix == ".tmp":
+            path.unlink()
     return folder
 
 

@@ -13,11 +13,11 @@ Example::
 
 An output folder that holds a comparison is refused unless --resume continues it
 or --overwrite deletes it. The settings are kept in ``<out>/run.pt``; --resume
-restores them, and flags given with it must match, except --device, --data-dir
-and --no-progress. Finished runs are taken from ``results.jsonl``, the others
-continue from their checkpoints. A damaged checkpoint is named with the way
-out: --resume previous (the previous checkpoints, kept beside them) or
---overwrite.
+restores them, and flags given with it must match, except --device, --data-dir,
+--checkpoint-every and --no-progress. Finished runs are taken from
+``results.jsonl``, the others continue from their checkpoints. A damaged
+checkpoint is named with the way out: --resume previous (the previous
+checkpoints, kept beside them) or --overwrite.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ __all__ = ["register", "run", "SETTINGS", "RESUMABLE"]
 
 SETTINGS = "run.pt"
 """The comparison's settings, written (as a checkpoint) before its first run starts."""
-RESUMABLE = ("device", "data_dir", "no_progress")
+RESUMABLE = ("device", "data_dir", "no_progress", "checkpoint_every")
 """Settings that may change when a comparison is resumed; the others must match ``run.pt``."""
 
 
@@ -66,6 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="damped Newton iterations of the fair saddle-point solve (default 30)")
     p.add_argument("--solver", default="minres", choices=("minres", "gmres", "direct", "cg"),
                    help="adjoint solver of the fair method (default minres; cg reports negative curvature)")
+    p.add_argument("--checkpoint-every", type=count(1), default=50,
+                   help="meta-steps between the checkpoints of each run (default 50)")
     p.add_argument("--episodes", type=count(1), default=20, help="evaluation episodes per meta-test task")
     p.add_argument("--test-fraction", type=real(0, 1, low_open=True, high_open=True), default=0.3,
                    help="share of tasks held out for meta-test")
@@ -118,8 +120,8 @@ def run(args: argparse.Namespace) -> int:
                          meta_batch=args.meta_batch, steps=args.steps, meta_lr=args.meta_lr, prox=args.prox,
                          mu=args.mu, delta=args.delta, constraint_set=args.constraint_set,
                          outer_fair_weight=args.outer_fair_weight, inner_steps=args.inner_steps,
-                         newton_steps=args.newton_steps,
-                         solver=args.solver, seed=args.seed)
+                         newton_steps=args.newton_steps, solver=args.solver, seed=args.seed,
+                         ckpt_every=args.checkpoint_every)
             tag = method if c is None else f"{method}_c{c:g}"
             if tag in done:
                 records.append(done[tag])

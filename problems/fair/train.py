@@ -166,7 +166,7 @@ def train(cfg: Config, tasks: list[Task], out: Path, *, resume: bool | str = Fal
     start = 0
     if resume and (ckpt_path.exists() or previous_path(ckpt_path).exists()):
         state = load_for_resume(ckpt_path, resume, map_location=device)
-        if state["config"] != asdict(cfg):
+        if {**state["config"], "ckpt_every": cfg.ckpt_every} != asdict(cfg):  # only ckpt_every may change
             raise ValueError(f"{ckpt_path} was written with a different configuration; remove it or "
                              "rerun without --resume")
         with torch.no_grad():

@@ -126,7 +126,8 @@ def run_experiment(settings: dict[str, Any], build: Callable[[dict[str, Any]], T
             if state.iteration % settings["checkpoint_every"] == 0:
                 _save(ckpt_path, state, elapsed, settings, records)
     bar.close()
-    _save(ckpt_path, state, elapsed, settings, records)
+    if state.iteration % settings["checkpoint_every"]:  # the last step is not checkpointed yet
+        _save(ckpt_path, state, elapsed, settings, records)
     result = {"final": records[-1], "selected": selected_record(records)}
     summary = {**result, "settings": {k: v for k, v in settings.items() if k != "progress"}}
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
