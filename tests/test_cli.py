@@ -63,3 +63,18 @@ def test_invalid_settings_end_with_the_message_not_a_traceback(capsys, monkeypat
     monkeypatch.setenv("BILEVEL_TRACEBACK", "1")
     with pytest.raises(ValueError, match="cuda_graph needs a CUDA device"):
         cli.main(["imaml", "--cuda-graph", "--device", "cpu"])
+
+
+def test_imaml_device_defaults_to_cuda_when_available(monkeypatch, tmp_path, capsys):
+    from bilevel.devices import resolve_device
+    from bilevel.problems.imaml import train as imaml_train
+
+    seen = {}
+
+    def fake_train(config, **_):
+        seen["config"] = config
+        return {"test": {}}
+
+    monkeypatch.setattr(imaml_train, "train", fake_train)
+    assert cli.main(["imaml", "--out-dir", str(tmp_path), "--steps", "1"]) == 0
+    assert seen["config"].device == str(resolve_device(None))

@@ -32,7 +32,7 @@ def test_l2_run_and_exact_resume(tmp_path, shared_data, capsys):
     common = ["l2", "--dataset", "german", "--data-dir", str(shared_data), "--no-progress", "--n-train", "300",
               "--n-val", "200", "--n-test", "200", "--checkpoint-every", "2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run([*common, "--out", str(straight), "--steps", "6"]) == 0
+    assert run([*common, "--out-dir", str(straight), "--steps", "6"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = records(straight)
     assert [r["step"] for r in rows] == list(range(7)) and printed["final"]["step"] == 6
@@ -42,20 +42,30 @@ def test_l2_run_and_exact_resume(tmp_path, shared_data, capsys):
     assert (straight / "plot.png").stat().st_size > 0
     assert json.loads((straight / "summary.json").read_text())["final"]["step"] == 6
 
-    assert run([*common, "--out", str(resumed), "--steps", "3", "--no-plot"]) == 0
+    assert run([*common, "--out-dir", str(resumed), "--steps", "3", "--no-plot"]) == 0
     with open(resumed / "metrics.jsonl", "a") as fh:  # a step logged after the last checkpoint is redone
         fh.write(json.dumps({"step": 4, "time": 0.0, "val_loss": -1.0}) + "\n")
+    capsys.readouterr()
+    # --out, the deprecated spelling of --out-dir, still works and says so
     assert run([*common, "--out", str(resumed), "--steps", "6", "--resume", "--no-plot"]) == 0
+    assert "--out is deprecated; use --out-dir" in capsys.readouterr().err
     assert without_time(records(resumed)) == without_time(rows)
     a = checkpoint.load(straight / "checkpoint.pt")["state"]
     b = checkpoint.load(resumed / "checkpoint.pt")["state"]
     assert torch.equal(a["outer"], b["outer"]) and torch.equal(a["inner"], b["inner"])
 
 
+def test_help_names_out_dir_and_hides_the_deprecated_out(capsys):
+    with pytest.raises(SystemExit):
+        run(["cleaning", "--help"])
+    text = capsys.readouterr().out
+    assert "--out-dir" in text and "--out " not in text and "--out\n" not in text
+
+
 def test_held_out_selection_keeps_the_step_with_the_lowest_held_out_loss(tmp_path, shared_data, capsys):
     argv = ["l2", "--dataset", "german", "--data-dir", str(shared_data), "--no-progress", "--no-plot",
             "--n-train", "300", "--n-val", "200", "--n-test", "200", "--steps", "8", "--select-fraction", "0.25",
-            "--out", str(tmp_path)]
+            "--out-dir", str(tmp_path)]
     assert run(argv) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = records(tmp_path)
@@ -78,7 +88,7 @@ def test_selected_record_prefers_the_lowest_held_out_loss_then_the_later_step():
 
 def test_resume_errors_name_the_fix(tmp_path, shared_data):
     common = ["l2", "--dataset", "german", "--data-dir", str(shared_data), "--no-progress", "--no-plot",
-              "--out", str(tmp_path), "--steps", "1"]
+              "--out-dir", str(tmp_path), "--steps", "1"]
     with pytest.raises(FileNotFoundError, match="run once without --resume"):
         run([*common, "--resume"])
     assert run(common) == 0
@@ -88,14 +98,14 @@ def test_resume_errors_name_the_fix(tmp_path, shared_data):
 
 def test_a_missing_device_is_named_before_any_data_is_read(tmp_path):
     with pytest.raises(ValueError, match="'gpu0' is not a torch device"):
-        run(["l2", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path), "--device", "gpu0"])
+        run(["l2", "--data-dir", str(tmp_path / "empty"), "--out-dir", str(tmp_path), "--device", "gpu0"])
 
 
 def test_cleaning_run_reports_the_separation_of_corrupted_examples(tmp_path, shared_data):
     out = tmp_path / "cleaning"
     assert run(["cleaning", "--corruption", "0.5", "--data-dir", str(shared_data), "--n-train", "300",
                 "--n-val", "200", "--n-test", "300", "--reg", "1e-2", "--steps", "3", "--no-progress",
-                "--out", str(out)]) == 0
+                "--out-dir", str(out)]) == 0
     rows = records(out)
     assert len(rows) == 4 and {"auc", "precision", "recall", "test_acc"} <= set(rows[-1])
     assert rows[-1]["auc"] > 0.6 and rows[-1]["val_loss"] < rows[0]["val_loss"]

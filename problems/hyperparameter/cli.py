@@ -2,9 +2,9 @@
 
 Examples::
 
-    bilevel hyperopt l2 --dataset mnist --data-dir ../shared/data --out runs/l2-mnist
-    bilevel hyperopt cleaning --corruption 0.5 --data-dir ../shared/data --out runs/cleaning
-    bilevel hyperopt cleaning --out runs/cleaning --resume    # continue a stopped run, with its settings
+    bilevel hyperopt l2 --dataset mnist --out-dir runs/l2-mnist
+    bilevel hyperopt cleaning --corruption 0.5 --out-dir runs/cleaning
+    bilevel hyperopt cleaning --out-dir runs/cleaning --resume    # continue a stopped run, with its settings
 
 An output folder that holds a run is refused unless --resume continues it or
 --overwrite deletes it. --resume restores the run's settings from its
@@ -28,8 +28,8 @@ def _common(parser: argparse.ArgumentParser, *, n_train: int | None, n_val: int 
             n_test: int | None) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", default=None,
-                      help="folder holding mnist/, adult/, ... (default: $BILEVEL_DATA_DIR, else "
-                           "~/.cache/bilevel/data)")
+                      help="folder holding mnist/, adult/, ... (default: $BILEVEL_DATA_DIR, else the nearest "
+                           "shared/data in the current folder or above, else ~/.cache/bilevel/data)")
     data.add_argument("--download", action="store_true", help="download MNIST files that are missing")
     data.add_argument("--n-train", type=count(1), default=n_train, help="training examples (default: %(default)s)")
     data.add_argument("--n-val", type=count(1), default=n_val, help="validation examples (default: %(default)s)")
@@ -55,8 +55,9 @@ def _common(parser: argparse.ArgumentParser, *, n_train: int | None, n_val: int 
     loop.add_argument("--on-failure", choices=("warn", "raise", "ignore"), default="warn",
                       help="what an inexact inner or adjoint solve does")
     run = parser.add_argument_group("run")
-    run.add_argument("--out", default=None, help="output folder (default: runs/hyperopt-<task>)")
-    add_run_flags(run, "<out>/checkpoint.pt")
+    run.add_argument("--out-dir", dest="out", default=None, help="output folder (default: runs/hyperopt-<task>)")
+    run.add_argument("--out", dest="out", default=None, help=argparse.SUPPRESS)  # deprecated spelling
+    add_run_flags(run, "<out-dir>/checkpoint.pt")
     run.add_argument("--checkpoint-every", type=count(1), default=10, help="outer steps between checkpoints")
     run.add_argument("--threads", type=count(1), default=None, help="torch CPU threads")
     run.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -85,6 +86,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import sys
 
     import torch
 
@@ -93,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     from .experiment import RUN_KEYS, run_experiment, saved_settings
     from .tasks import cleaning_task, l2_task
 
+    if given_flags(args).get("out") == "--out":
+        print("bilevel hyperopt: --out is deprecated; use --out-dir", file=sys.stderr)
     settings = settings_of(args)
     if settings["out"] is None:
         settings["out"] = f"runs/hyperopt-{args.task}"

@@ -71,14 +71,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--final-tasks", type=count(1), default=defaults.final_tasks, help="held-out tasks at the end")
     p.add_argument("--checkpoint-every", type=count(1), default=defaults.checkpoint_every)
     p.add_argument("--seed", type=count(0), default=defaults.seed)
-    p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     p.add_argument("--eval-lam", type=real(0),
                    help="proximal strength of the adaptation at evaluation (default: --lam; 0 adapts by plain "
                         "inner steps, as the paper's reference code does at test time)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each meta-gradient as one captured CUDA graph (faster on small networks)")
     p.add_argument("--out-dir", default=defaults.out_dir, help="metrics, checkpoint and plots (default runs/imaml)")
-    p.add_argument("--data-dir", help="folder with the Omniglot zips (default $BILEVEL_DATA_DIR)")
+    p.add_argument("--data-dir", help="folder with the Omniglot zips (default: $BILEVEL_DATA_DIR, else the nearest "
+                                      "shared/data in the current folder or above, else ~/.cache/bilevel/data)")
     p.add_argument("--cache-dir", help="decoded-image cache (default $BILEVEL_CACHE_DIR or ~/.cache/bilevel)")
     add_run_flags(p, "<out-dir>/checkpoint.pt")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -88,6 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from bilevel.devices import resolve_device
     from bilevel.problems.imaml.config import RESUMABLE, Config
     from bilevel.problems.imaml.train import load_checkpoint, train
     from bilevel.runs import given_flags, restore, settings_of
@@ -98,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         saved = load_checkpoint(settings["out_dir"], args.resume)["config"]
         settings = restore({k: v for k, v in saved.items() if k != "out_dir"}, settings, given_flags(args),
                            RESUMABLE, settings["out_dir"])
+    if settings["device"] is None:  # a new run without --device
+        settings["device"] = str(resolve_device(None))
     final = train(Config(**settings), resume=args.resume or False, overwrite=args.overwrite)
     print(json.dumps(final["test"], indent=2))
     if "official_runs" in final:
