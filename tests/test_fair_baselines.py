@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 import bilevel
-from bilevel.problems.fair.baselines import PDFMProblem, ProxLogisticProblem, pdfm_dual_step, probability_dbc
+from bilevel.problems.fair.baselines import (PDFMProblem, ProxLogisticProblem, dbc_bound, pdfm_dual_step,
+                                            probability_dbc)
 from bilevel.problems.fair.model import bce
 from bilevel.solvers import CG
 from bilevel.testing import check_hypergradient
@@ -47,10 +48,21 @@ def test_pdfm_dual_steps_are_projected_ascent():
     strict = PDFMProblem(c=0.0, pd_updates=2, inner_steps=1, inner_lr=0.0)
     adapted = strict.solve_inner(outer, data, strict.initial_inner(outer, data))
     torch.testing.assert_close(adapted["w"], outer["theta"]["w"])  # lr 0: the primal never moves
-    dual = pdfm_dual_step(torch.tensor(0.2), torch.tensor([0.1, 0.3]), c=0.05, meta_dual_lr=0.5)
+    dual = pdfm_dual_step(torch.tensor(0.2), torch.tensor([0.1, 0.3]), bound=0.05, meta_dual_lr=0.5)
     torch.testing.assert_close(dual, torch.tensor(0.2 + 0.5 * (0.05 + 0.25)))
-    torch.testing.assert_close(pdfm_dual_step(torch.tensor(0.01), torch.tensor([0.0]), c=0.5, meta_dual_lr=1.0),
+    torch.testing.assert_close(pdfm_dual_step(torch.tensor(0.01), torch.tensor([0.0]), bound=0.5, meta_dual_lr=1.0),
                                torch.tensor(0.0))  # projected onto lambda >= 0
+
+
+def test_pdfm_bound_is_in_gap_units():
+    """|DBC_p| <= c zbar (1 - zbar) is exactly the soft parity gap |mean_1 p - mean_0 p| <= c."""
+    outer, data = outer_point(), small_task()
+    x, z = data["xs"], torch.tensor([1.0, 0, 0, 0, 1, 0, 0, 0, 0, 1], dtype=torch.float64)
+    p = torch.sigmoid(x @ outer["theta"]["w"] + outer["theta"]["b"])
+    soft = (p[z == 1].mean() - p[z == 0].mean()).abs()
+    zbar = z.mean()
+    torch.testing.assert_close(probability_dbc(outer["theta"], x, z) / (zbar * (1 - zbar)), soft)
+    torch.testing.assert_close(dbc_bound(0.2, z), 0.2 * 0.3 * 0.7 * torch.ones((), dtype=torch.float64))
 
 
 def test_pdfm_task_constraint_set_sees_query_inputs_only():

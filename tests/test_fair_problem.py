@@ -12,7 +12,8 @@ import torch
 
 import bilevel
 from bilevel.problems.fair.data import halves, synthetic_tasks
-from bilevel.problems.fair.model import init_params
+from bilevel.problems.fair.metrics import parity_gap
+from bilevel.problems.fair.model import fairness_gap, init_params
 from bilevel.problems.fair.problem import FairMetaProblem
 from bilevel.pytree import ravel, tree_norm
 from bilevel.solvers import CG, GMRES, MINRES, Direct, Status
@@ -36,7 +37,14 @@ PROBLEMS = [FairMetaProblem(c=0.01, inner_steps=50, inner_tol=1e-12, outer_fair_
             FairMetaProblem(c=5.0, inner_steps=50, inner_tol=1e-12)]
 
 
-@pytest.mark.parametrize("problem", PROBLEMS, ids=["active", "inactive"])
+# PDFM's probability form (not convex): PDFM's sharpness, a sharper one, and a weak prox with a large multiplier
+DP_PROBLEMS = [FairMetaProblem(c=0.01, constraint="dp", inner_steps=50, inner_tol=1e-12, outer_fair_weight=0.5),
+               FairMetaProblem(c=0.01, constraint="dp", sharpness=4.0, inner_steps=50, inner_tol=1e-12,
+                               outer_fair_weight=0.5),
+               FairMetaProblem(c=0.0, constraint="dp", sharpness=4.0, prox=0.05, inner_steps=50, inner_tol=1e-12)]
+
+
+@pytest.mark.parametrize("problem", PROBLEMS + DP_PROBLEMS, ids=["active", "inactive", "dp", "dp-k4", "dp-weak-prox"])
 @pytest.mark.parametrize("solver", [MINRES(rtol=1e-12), GMRES(rtol=1e-12)], ids=["minres", "gmres"])
 def test_meta_gradient_matches_finite_differences(problem, solver):
     report = check_hypergradient(problem, outer_point(), small_task(), solver=solver,
@@ -130,3 +138,47 @@ def test_task_constraint_set_meta_gradient_matches_finite_differences():
 def test_unknown_constraint_set_is_rejected():
     with pytest.raises(ValueError, match="unknown constraint_set 'query'"):
         FairMetaProblem(constraint_set="query")
+
+
+def test_both_constraints_are_in_parity_gap_units():
+    data, model = small_task(), outer_point()["theta"]
+    x, z = data["xs"], data["zs"]
+    s = x @ model["w"] + model["b"]
+    group = lambda v: v[z == 1].mean() - v[z == 0].mean()  # noqa: E731
+    torch.testing.assert_close(fairness_gap(model, x, z, "dbc"), group(s / 4))
+    torch.testing.assert_close(fairness_gap(model, x, z, "dp"), group(torch.sigmoid(s)))
+    sharp = fairness_gap(model, x, z, "dp", sharpness=1e4).abs()  # tends to the hard parity gap
+    torch.testing.assert_close(sharp, parity_gap(s, z), atol=1e-3, rtol=0)
+    assert float(fairness_gap(model, x, torch.zeros_like(z), "dp")) == 0.0  # one group: no gap, not NaN
+
+
+def schur_min_eigenvalue(problem, inner, outer, data) -> float:
+    """The reference: P's Hessian from the full saddle-point Jacobian, eliminated by hand."""
+    jac = flat_jacobian(lambda p: problem.optimality(p, outer, data), inner)
+    schur = jac[:-1, :-1] - torch.outer(jac[:-1, -1], jac[-1, :-1]) / jac[-1, -1]
+    return float(torch.linalg.eigvalsh(schur)[0])
+
+
+def test_curvature_detects_an_indefinite_dp_system_and_never_flags_dbc():
+    data = small_task()
+    w = torch.randn(4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    outer = {"theta": {"w": 0.3 * w, "b": torch.zeros((), dtype=torch.float64)},
+             "lambda0": torch.tensor(10.0, dtype=torch.float64)}
+    dp = FairMetaProblem(c=0.0, constraint="dp", sharpness=4.0, prox=1e-2, mu=1e-3)
+    dbc = FairMetaProblem(c=0.0, prox=1e-2, mu=1e-3)
+    for problem in (dp, dbc):
+        inner = problem.initial_inner(outer, data)
+        curvature = float(problem.curvature(inner, outer, data))
+        assert curvature == pytest.approx(schur_min_eigenvalue(problem, inner, outer, data), rel=1e-8)
+        assert (curvature < 0) if problem is dp else (curvature >= problem.prox)
+    # from that indefinite start, the modified Newton solve still reaches a root with positive curvature
+    solved = dp.solve_inner(outer, data, dp.initial_inner(outer, data))
+    assert float(tree_norm(dp.optimality(solved, outer, data))) < 1e-9
+    assert float(dp.curvature(solved, outer, data)) > 0
+
+
+def test_unknown_constraint_and_bad_sharpness_are_rejected():
+    with pytest.raises(ValueError, match="unknown constraint 'eo'"):
+        FairMetaProblem(constraint="eo")
+    with pytest.raises(ValueError, match="sharpness must be > 0"):
+        FairMetaProblem(constraint="dp", sharpness=0.0)

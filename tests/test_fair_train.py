@@ -52,10 +52,46 @@ def test_evaluate_reports_every_metric_with_an_interval(tmp_path):
     tasks = synthetic_tasks()
     outer = train(cfg, tasks[:3], tmp_path, progress=False)
     result = evaluate(cfg, outer, tasks[3:], episodes=4)
-    for metric in ("accuracy", "dbc", "parity_gap", "consistency"):
+    for metric in ("accuracy", "dbc", "parity_gap", "soft_gap", "null_gap", "consistency"):
         summary = result["summary"][metric]
-        assert summary["n"] == 4 and 0 <= summary["mean"] <= 1 and summary["ci95"] >= 0
+        assert summary["n"] == 4 and summary["nan"] == 0 and 0 <= summary["mean"] <= 1 and summary["ci95"] >= 0
     assert set(result["per_task"]) == {"synthetic3"}
+    assert len(result["episodes"]["synthetic3"]["accuracy"]) == 4
+    # the same seed gives the same episodes: iMAML's outer adapted under a test-time constraint differs
+    # from plain iMAML only through the adaptation, episode by episode
+    fair = evaluate(cfg, outer, tasks[3:], episodes=4, adapt_with=Config(method="fair", constraint="dp", c=0.0,
+                                                                           constraint_set="task"))
+    assert fair["indefinite"] == {"count": 0, "of": 4}
+    again = evaluate(cfg, outer, tasks[3:], episodes=4)
+    assert again["episodes"] == result["episodes"]
+    assert fair["summary"]["soft_gap"]["mean"] < result["summary"]["soft_gap"]["mean"]
+
+
+def test_evaluate_counts_episodes_whose_query_lacks_a_group():
+    cfg = Config(method="imaml", k_shot=4, inner_steps=40)
+    task = synthetic_tasks(1)[0]
+    z = torch.zeros(len(task), dtype=torch.float64)
+    z[0] = 1  # one row in group 1: whenever it is a support row, the query has one group only
+    lone = Task("lone", task.x, task.y, z)
+    result = evaluate(cfg, initial_outer_for(task), [lone], episodes=30)
+    gap = result["summary"]["parity_gap"]
+    assert gap["nan"] > 0 and gap["n"] + gap["nan"] == 30
+    assert result["summary"]["accuracy"]["nan"] == 0
+
+
+def initial_outer_for(task: Task) -> dict:
+    from bilevel.problems.fair.train import initial_outer
+    return initial_outer(task.x.shape[1], Config())
+
+
+def test_indefinite_systems_are_warned_about_and_logged(tmp_path, monkeypatch):
+    from bilevel.problems.fair.problem import FairMetaProblem, IndefiniteWarning
+    monkeypatch.setattr(FairMetaProblem, "curvature", lambda self, inner, outer, data: -torch.ones((), dtype=torch.float64))
+    cfg = Config(method="fair", constraint="dp", c=0.0, k_shot=6, n_query=6, meta_batch=2, steps=2, log_every=1)
+    with pytest.warns(IndefiniteWarning, match="2 of 2 tasks have an indefinite"):
+        train(cfg, synthetic_tasks(), tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "fair_c0.jsonl").read_text().splitlines()]
+    assert [r["indefinite_total"] for r in records] == [2, 4] and records[-1]["min_curvature"] == -1.0
 
 
 def test_cli_writes_results_and_the_tradeoff_plot(tmp_path, shared_data):

@@ -15,7 +15,10 @@ serves all methods; the unconstrained ones ignore ``lambda0``.
   average ``w_bar`` of the rounds' iterates; ``DBC_p`` is the covariance of the
   predicted *probability* with ``z``, as in PDFM's code. The meta-gradient is
   first order (``mode="first_order"``), and ``lambda0`` follows the projected
-  meta dual ascent of :func:`pdfm_dual_step`, not a gradient.
+  meta dual ascent of :func:`pdfm_dual_step`, not a gradient. The bound ``c`` is
+  given in parity-gap units, like ours: since ``DBC_p = zbar (1 - zbar) x`` the soft
+  gap ``mean_{z=1} p - mean_{z=0} p``, PDFM's bound on ``|DBC_p|`` is ``c zbar (1 - zbar)``
+  (:func:`dbc_bound`, with ``zbar`` of the rows the constraint is evaluated on).
 """
 
 from __future__ import annotations
@@ -31,12 +34,19 @@ from .model import CONSTRAINT_SETS, Params, bce, constraint_inputs, covariance, 
 from .optim import accelerated_descent
 from .problem import Outer, _sq_dist
 
-__all__ = ["ProxLogisticProblem", "GradientStepProblem", "PDFMProblem", "pdfm_dual_step", "probability_dbc"]
+__all__ = ["ProxLogisticProblem", "GradientStepProblem", "PDFMProblem", "pdfm_dual_step", "probability_dbc",
+           "dbc_bound"]
 
 
 def probability_dbc(model: Params, x: Tensor, z: Tensor) -> Tensor:
     """PDFM's fairness measure ``|mean_i (z_i - mean z) sigmoid(s(x_i))|``."""
     return covariance(torch.sigmoid(score(model, x)), z).abs()
+
+
+def dbc_bound(c: float, z: Tensor) -> Tensor:
+    """PDFM's bound on ``|DBC_p|`` equivalent to a soft parity gap ``c``: ``c zbar (1 - zbar)``."""
+    zbar = z.mean(-1)
+    return c * zbar * (1 - zbar)
 
 
 class ProxLogisticProblem(BilevelProblem):
@@ -97,7 +107,7 @@ class PDFMProblem(BilevelProblem):
     """PDFM's primal-dual task adaptation (see the module docstring).
 
     Args:
-        c: fairness bound on ``|DBC_p|``.
+        c: fairness bound in parity-gap units (on ``|DBC_p| / (zbar (1 - zbar))``).
         inner_lr, inner_steps: primal gradient steps per round.
         dual_lr: step of the per-task dual ascent.
         pd_updates: number of primal-dual rounds.
@@ -116,10 +126,10 @@ class PDFMProblem(BilevelProblem):
         self.dual_lr, self.pd_updates = dual_lr, pd_updates
 
     def penalized(self, model: Params, lam: Tensor, data: dict[str, Tensor]) -> Tensor:
-        """PDFM's primal objective ``BCE + lam (|DBC_p| - c)``: BCE on the support set, ``DBC_p`` on the
-        constraint set."""
-        dbc = probability_dbc(model, *constraint_inputs(data, self.constraint_set))
-        return bce(model, data["xs"], data["ys"]) + lam * (dbc - self.c)
+        """PDFM's primal objective ``BCE + lam (|DBC_p| - c zbar (1 - zbar))``: BCE on the support set,
+        ``DBC_p`` on the constraint set."""
+        x, z = constraint_inputs(data, self.constraint_set)
+        return bce(model, data["xs"], data["ys"]) + lam * (probability_dbc(model, x, z) - dbc_bound(self.c, z))
 
     def inner_objective(self, inner: Params, outer: Outer, data: dict[str, Tensor]) -> Tensor:
         return self.penalized(inner, outer["lambda0"], data)
@@ -135,7 +145,8 @@ class PDFMProblem(BilevelProblem):
                 grad = torch.func.grad(self.penalized)(model, lam, data)
                 model = tree_map(lambda p, g: p - self.inner_lr * g, model, grad)
             average = tree_map(lambda a, p: a + (p - a) / round_, average, model)
-            gap = probability_dbc(average, *constraint_inputs(data, self.constraint_set)) - self.c
+            x, z = constraint_inputs(data, self.constraint_set)
+            gap = probability_dbc(average, x, z) - dbc_bound(self.c, z)
             lam = torch.relu(lam + self.dual_lr * gap)
         return model
 
@@ -143,6 +154,7 @@ class PDFMProblem(BilevelProblem):
         return bce(inner, data["xq"], data["yq"])
 
 
-def pdfm_dual_step(lambda0: Tensor, query_dbc: Tensor, c: float, meta_dual_lr: float) -> Tensor:
-    """PDFM's meta dual update ``lambda0 <- max(0, lambda0 + meta_dual_lr sum_tasks (|DBC_p| - c))``."""
-    return torch.relu(lambda0 + meta_dual_lr * (query_dbc - c).sum())
+def pdfm_dual_step(lambda0: Tensor, query_dbc: Tensor, bound: Tensor | float, meta_dual_lr: float) -> Tensor:
+    """PDFM's meta dual update ``lambda0 <- max(0, lambda0 + meta_dual_lr sum_tasks (|DBC_p| - bound))``
+    (``bound``: per task, :func:`dbc_bound` of the query rows)."""
+    return torch.relu(lambda0 + meta_dual_lr * (query_dbc - bound).sum())

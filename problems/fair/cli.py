@@ -44,7 +44,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", nargs="+", default=["fair", "imaml", "maml", "pdfm"],
                    choices=("fair", "imaml", "maml", "pdfm"))
     p.add_argument("--c", nargs="+", type=real(0), default=[0.0, 0.05, 0.2],
-                   help="fairness bounds for the constrained methods (default: 0 0.05 0.2)")
+                   help="fairness bounds for the constrained methods, in parity-gap units for every "
+                        "constraint and for PDFM (default: 0 0.05 0.2)")
+    p.add_argument("--constraint", default="dbc", choices=("dbc", "dp"),
+                   help="the fair method's constraint: dbc, the score's decision boundary covariance (convex), "
+                        "or dp, PDFM's probability form, a smoothed demographic parity gap (not convex: the "
+                        "curvature of every saddle point is checked and indefinite ones reported; default dbc)")
+    p.add_argument("--sharpness", type=real(0, low_open=True), default=1.0,
+                   help="k of the dp constraint's sigmoid(k s): 1 is PDFM's, larger is closer to the hard "
+                        "parity gap (default 1)")
     p.add_argument("--k-shot", type=count(1), default=10, help="support rows per task (default 10)")
     p.add_argument("--n-query", type=count(1), default=10, help="query rows per training task (default 10)")
     p.add_argument("--meta-batch", type=count(1), default=8)
@@ -52,8 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--meta-lr", type=real(0, low_open=True), default=0.01)
     p.add_argument("--prox", type=real(0, low_open=True), default=1.0, help="primal prox strength (fair, iMAML)")
     p.add_argument("--mu", type=real(0, low_open=True), default=1.0, help="dual prox strength (fair)")
-    p.add_argument("--delta", type=real(0, low_open=True), default=0.1,
-                   help="smoothing width of |DBC| (fair, default 0.1)")
+    p.add_argument("--delta", type=real(0, low_open=True), default=0.01,
+                   help="smoothing width of |gap| in the fair constraint, in gap units (default 0.01)")
     p.add_argument("--constraint-set", default="support", choices=("support", "task"),
                    help="rows the constrained methods (fair, PDFM) evaluate their fairness constraint on "
                         "while adapting: the labelled support rows (default), or the support rows and the "
@@ -119,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
             cfg = Config(method=method, c=c if c is not None else 0.0, k_shot=args.k_shot, n_query=args.n_query,
                          meta_batch=args.meta_batch, steps=args.steps, meta_lr=args.meta_lr, prox=args.prox,
                          mu=args.mu, delta=args.delta, constraint_set=args.constraint_set,
+                         constraint=args.constraint, sharpness=args.sharpness,
                          outer_fair_weight=args.outer_fair_weight, inner_steps=args.inner_steps,
                          newton_steps=args.newton_steps, solver=args.solver, seed=args.seed,
                          ckpt_every=args.checkpoint_every)
@@ -136,8 +145,13 @@ def run(args: argparse.Namespace) -> int:
                 f.write(json.dumps(rec) + "\n")
             s = ev["summary"]
             print(f"{tag:>14}: accuracy {s['accuracy']['mean']:.3f} +- {s['accuracy']['ci95']:.3f}  "
-                  f"parity gap {s['parity_gap']['mean']:.3f} +- {s['parity_gap']['ci95']:.3f}  "
-                  f"DBC {s['dbc']['mean']:.4f}  consistency {s['consistency']['mean']:.3f}")
+                  f"parity gap {s['parity_gap']['mean']:.3f} +- {s['parity_gap']['ci95']:.3f} "
+                  f"(null {s['null_gap']['mean']:.3f}, {s['parity_gap']['nan']} episodes without both groups)  "
+                  f"soft gap {s['soft_gap']['mean']:.3f}  DBC {s['dbc']['mean']:.4f}  "
+                  f"consistency {s['consistency']['mean']:.3f}")
+            if ev["indefinite"]["count"]:
+                print(f"{tag:>14}: {ev['indefinite']['count']} of {ev['indefinite']['of']} adapted saddle points "
+                      "are indefinite in w (raise --prox)")
     tradeoff_plot(records, out / "tradeoff.png", title=f"{args.dataset}, {args.k_shot}-shot")
     print(f"wrote {results_path} and {out / 'tradeoff.png'}")
     return 0

@@ -9,11 +9,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["CONSTRAINT_SETS", "init_params", "score", "bce", "covariance", "smooth_abs", "constraint_inputs"]
+__all__ = ["CONSTRAINTS", "CONSTRAINT_SETS", "init_params", "score", "bce", "covariance", "group_gap",
+           "fairness_gap", "smooth_abs", "constraint_inputs"]
 
 Params = dict[str, Tensor]
 
 CONSTRAINT_SETS = ("support", "task")
+CONSTRAINTS = ("dbc", "dp")
 
 
 def init_params(dim: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Params:
@@ -35,6 +37,33 @@ def bce(params: Params, x: Tensor, y: Tensor) -> Tensor:
 def covariance(values: Tensor, z: Tensor) -> Tensor:
     """Decision boundary covariance ``mean_i (z_i - mean z) v_i`` (unsigned: no absolute value)."""
     return ((z - z.mean()) * values).mean()
+
+
+def group_gap(values: Tensor, z: Tensor) -> Tensor:
+    """``mean_{z=1} v - mean_{z=0} v = covariance(v, z) / (zbar (1 - zbar))`` (signed).
+
+    Zero, not NaN, when one group is absent (the covariance is then exactly zero).
+    """
+    zbar = z.mean()
+    return covariance(values, z) / torch.clamp(zbar * (1 - zbar), min=torch.finfo(values.dtype).tiny)
+
+
+def fairness_gap(params: Params, x: Tensor, z: Tensor, constraint: str, sharpness: float = 1.0) -> Tensor:
+    """The signed group gap a fairness constraint bounds, in parity-gap units.
+
+    ``"dbc"``: Zafar et al.'s decision boundary covariance of the score, as a gap of
+    the linearized probability ``1/2 + s/4`` (the first-order expansion of ``sigmoid(s)``
+    at the boundary): ``group_gap(s / 4, z)``; linear in ``w``.
+    ``"dp"``: PDFM's probability form, the smoothed demographic parity gap
+    ``group_gap(sigmoid(k s), z)`` with sharpness ``k`` (``k = 1`` is PDFM's DBC divided by
+    ``zbar (1 - zbar)``; ``k -> inf`` tends to the hard parity gap); not convex in ``w``.
+    """
+    s = score(params, x)
+    if constraint == "dbc":
+        return group_gap(s / 4, z)
+    if constraint == "dp":
+        return group_gap(torch.sigmoid(sharpness * s), z)
+    raise ValueError(f"unknown constraint {constraint!r}; choose one of {CONSTRAINTS}")
 
 
 def smooth_abs(u: Tensor, delta: float) -> Tensor:

@@ -4,7 +4,10 @@ One meta-step: a meta-batch of episodes, ``torch.func.vmap`` of
 :func:`bilevel.hypergradient` over the tasks (the outer parameters shared),
 :func:`bilevel.check_result` on the batched diagnostics, the mean
 hypergradient, one Adam step. PDFM's ``lambda0`` instead takes its projected
-meta dual step. Metrics go to a JSON-lines file; checkpoints are written every
+meta dual step. For the fair method, the curvature of every task's saddle point
+(:meth:`~bilevel.problems.fair.problem.FairMetaProblem.curvature`) is checked at
+each step: tasks whose system is indefinite are counted, logged and warned about
+(:class:`~bilevel.problems.fair.problem.IndefiniteWarning`), never hidden. Metrics go to a JSON-lines file; checkpoints are written every
 ``ckpt_every`` steps by :func:`bilevel.checkpoint.save` (atomic, with a digest
 checked on load, the previous one kept as ``<run>.prev.pt``) and ``resume``
 continues exactly (the parameters, Adam's state and the episode sampler's state
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +32,12 @@ from bilevel.checkpoint import save as save_checkpoint
 from bilevel.runs import output_patterns, prepare_output, read_records, write_records
 from bilevel.solvers import CG, GMRES, MINRES, Direct
 
-from .baselines import GradientStepProblem, PDFMProblem, ProxLogisticProblem, pdfm_dual_step, probability_dbc
+from .baselines import (GradientStepProblem, PDFMProblem, ProxLogisticProblem, dbc_bound, pdfm_dual_step,
+                        probability_dbc)
 from .data import Task, sample_episodes, evaluation_episodes
-from .metrics import METRICS, mean_ci, task_metrics
+from .metrics import METRICS, accuracy, mean_ci, task_metrics
 from .model import init_params, score
-from .problem import FairMetaProblem
+from .problem import FairMetaProblem, IndefiniteWarning
 
 __all__ = ["METHODS", "Config", "Method", "build_method", "initial_outer", "train", "evaluate", "run_patterns"]
 
@@ -54,10 +59,12 @@ class Config:
     meta_lr: float = 0.01
     prox: float = 1.0
     mu: float = 1.0
-    delta: float = 0.1
+    delta: float = 0.01
     barrier: float = 1e-3
     outer_fair_weight: float = 1.0
     constraint_set: str = "support"
+    constraint: str = "dbc"
+    sharpness: float = 1.0
     inner_steps: int = 100
     newton_steps: int = 30
     solver: str = "minres"
@@ -81,17 +88,17 @@ class Method:
     solver: Any
 
     def adapt(self, outer: dict, data: dict) -> dict:
-        """The adapted task model from ``outer`` on the support set (no graph)."""
+        """The inner solution from ``outer`` on the support set (no graph): the task model, or for the
+        fair method ``{"model", "rho"}``."""
         with torch.no_grad():
-            inner = self.problem.solve_inner(outer, data, self.problem.initial_inner(outer, data))
-        return inner["model"] if isinstance(self.problem, FairMetaProblem) else inner
+            return self.problem.solve_inner(outer, data, self.problem.initial_inner(outer, data))
 
 
 def build_method(cfg: Config) -> Method:
     if cfg.method == "fair":
         problem = FairMetaProblem(cfg.c, prox=cfg.prox, mu=cfg.mu, delta=cfg.delta, barrier=cfg.barrier,
                                   outer_fair_weight=cfg.outer_fair_weight, constraint_set=cfg.constraint_set,
-                                  inner_steps=cfg.newton_steps)
+                                  constraint=cfg.constraint, sharpness=cfg.sharpness, inner_steps=cfg.newton_steps)
         if cfg.solver not in SOLVERS:
             raise ValueError(f"unknown solver {cfg.solver!r}; choose one of {sorted(SOLVERS)}")
         return Method(problem, "implicit", SOLVERS[cfg.solver]())
@@ -113,6 +120,16 @@ def initial_outer(dim: int, cfg: Config, device: torch.device | str | None = Non
 
 def _leaves(outer: dict) -> list[torch.Tensor]:
     return [outer["theta"]["w"], outer["theta"]["b"], outer["lambda0"]]
+
+
+def indefinite_count(method: Method, outer: dict, data: dict, inner: dict) -> tuple[int, float]:
+    """For the fair method: how many of the (vmapped) tasks in ``data`` have an indefinite
+    saddle-point system at ``inner`` (:meth:`FairMetaProblem.curvature` ``<= 0``), and the
+    smallest curvature; ``(0, nan)`` for the other methods."""
+    if not isinstance(method.problem, FairMetaProblem):
+        return 0, float("nan")
+    curvature = torch.func.vmap(lambda i, d: method.problem.curvature(i, outer, d))(inner, data)
+    return int((curvature <= 0).sum()), float(curvature.min())
 
 
 def meta_step(method: Method, outer: dict, batch: dict) -> bilevel.HypergradientResult:
@@ -163,7 +180,7 @@ def train(cfg: Config, tasks: list[Task], out: Path, *, resume: bool | str = Fal
     trained = leaves if cfg.method != "pdfm" else leaves[:2]
     optimizer = torch.optim.Adam(trained, lr=cfg.meta_lr)
     generator = torch.Generator().manual_seed(cfg.seed)
-    start = 0
+    start, indefinite = 0, 0
     if resume and (ckpt_path.exists() or previous_path(ckpt_path).exists()):
         state = load_for_resume(ckpt_path, resume, map_location=device)
         if {**state["config"], "ckpt_every": cfg.ckpt_every} != asdict(cfg):  # only ckpt_every may change
@@ -174,7 +191,7 @@ def train(cfg: Config, tasks: list[Task], out: Path, *, resume: bool | str = Fal
                 t.copy_(v)
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
-        start = state["step"]
+        start, indefinite = state["step"], state.get("indefinite", 0)
         write_records(log_path, read_records(log_path, upto=start))
     elif log_path.exists():
         log_path.unlink()
@@ -185,9 +202,19 @@ def train(cfg: Config, tasks: list[Task], out: Path, *, resume: bool | str = Fal
     for step in bar:
         batch = sample_episodes(tasks, cfg.meta_batch, cfg.k_shot, cfg.n_query, generator)
         params = {"theta": {"w": leaves[0], "b": leaves[1]}, "lambda0": leaves[2]}
-        result = meta_step(method, {k: _detached(v) for k, v in params.items()}, batch)
+        detached = {k: _detached(v) for k, v in params.items()}
+        if cfg.method in ("imaml", "maml"):  # they ignore lambda0; it is not passed, and its gradient is 0
+            detached = {"theta": detached["theta"]}
+        result = meta_step(method, detached, batch)
+        bad, curvature = indefinite_count(method, detached, batch, result.inner)
+        if bad:
+            indefinite += bad
+            warnings.warn(f"{tag}, step {step + 1}: {bad} of {cfg.meta_batch} tasks have an indefinite saddle-point "
+                          f"system (smallest curvature {curvature:.3g}); their meta-gradients are those of a "
+                          "stationary point that is not a local minimizer in w: raise --prox", IndefiniteWarning)
         g = result.grad
-        grads = [g["theta"]["w"].mean(0), g["theta"]["b"].mean(0), g["lambda0"].mean(0)]
+        grads = [g["theta"]["w"].mean(0), g["theta"]["b"].mean(0),
+                 g["lambda0"].mean(0) if "lambda0" in g else torch.zeros_like(leaves[2])]
         optimizer.zero_grad()
         for t, g in zip(trained, grads):
             t.grad = g
@@ -195,12 +222,16 @@ def train(cfg: Config, tasks: list[Task], out: Path, *, resume: bool | str = Fal
         if cfg.method == "pdfm":
             dbc_q = torch.func.vmap(probability_dbc)(result.inner, batch["xq"], batch["zq"])
             with torch.no_grad():
-                leaves[2].copy_(pdfm_dual_step(leaves[2], dbc_q, cfg.c, cfg.pdfm_meta_dual_lr))
+                bound = dbc_bound(cfg.c, batch["zq"])
+                leaves[2].copy_(pdfm_dual_step(leaves[2], dbc_q, bound, cfg.pdfm_meta_dual_lr))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             record = {"step": step + 1, "method": cfg.method, "c": cfg.c,
                       "outer_loss": float(result.outer_loss.mean()),
                       "inner_residual": float(result.inner_residual.max()),
-                      "lambda0": float(leaves[2].detach()), "seconds": round(time.time() - t0, 2)}
+                      "lambda0": float(leaves[2].detach()), "seconds": round(time.time() - t0, 2),
+                      "indefinite_total": indefinite}
+            if isinstance(method.problem, FairMetaProblem):
+                record["min_curvature"] = curvature
             if result.solve is not None:
                 record["solver_iterations"] = float(result.solve.iterations.float().mean())
                 record["solver_converged"] = float(result.solve.converged.float().mean())
@@ -208,27 +239,43 @@ def train(cfg: Config, tasks: list[Task], out: Path, *, resume: bool | str = Fal
             bar.set_postfix(loss=f"{record['outer_loss']:.3f}")
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             save_checkpoint({"step": step + 1, "config": asdict(cfg), "leaves": [t.detach() for t in leaves],
-                             "optimizer": optimizer.state_dict(), "generator": generator.get_state()}, ckpt_path)
+                             "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                             "indefinite": indefinite}, ckpt_path)
     return {"theta": {"w": leaves[0].detach(), "b": leaves[1].detach()}, "lambda0": leaves[2].detach()}
 
 
-def evaluate(cfg: Config, outer: dict, tasks: list[Task], *, episodes: int = 20, seed: int = 1) -> dict:
-    """Adapt on ``k_shot`` support rows of each meta-test task and score the rest.
+def evaluate(cfg: Config, outer: dict, tasks: list[Task], *, episodes: int = 20, seed: int = 1,
+             adapt_with: Config | None = None) -> dict:
+    """Adapt on ``k_shot`` support rows of each meta-test task and score every other row.
 
-    Returns, per metric, the mean and 95% interval over all (task, episode)
-    pairs, and the per-task means.
+    ``adapt_with`` adapts with another method's problem from the same ``outer`` (e.g. iMAML's
+    initialization adapted under a fairness constraint at test time); by default ``cfg``'s.
+    The episodes depend only on ``seed``, ``cfg.k_shot`` and the tasks, so two methods evaluated
+    with the same arguments see identical episodes. Returns, per metric, the mean and 95%
+    interval over all (task, episode) pairs (with the count of NaN episodes), the per-task
+    means, the per-episode values (``"episodes"``: task -> metric -> list), the accuracy of
+    the constant predictor of the support's majority label (``"constant_accuracy"`` per
+    episode, for the mixing line) and, for the fair method, the count of indefinite
+    saddle-point systems.
     """
-    method = build_method(cfg)
+    method = build_method(adapt_with or cfg)
     generator = torch.Generator().manual_seed(seed)
-    per_episode = {m: [] for m in METRICS}
-    per_task = {}
+    per_episode: dict[str, list[torch.Tensor]] = {m: [] for m in METRICS}
+    per_task, by_episode, indefinite, checked = {}, {}, 0, 0
     for task in tasks:
-        data = evaluation_episodes(task, episodes, cfg.k_shot, generator)
-        model = torch.func.vmap(lambda d: method.adapt(outer, d))(data)
+        data = evaluation_episodes(task, episodes, cfg.k_shot, generator, max_query=len(task))
+        inner = torch.func.vmap(lambda d: method.adapt(outer, d))(data)
+        model = inner["model"] if isinstance(method.problem, FairMetaProblem) else inner
+        bad, _ = indefinite_count(method, outer, data, inner)
+        indefinite, checked = indefinite + bad, checked + episodes
         s = torch.func.vmap(score)(model, data["xq"])
-        values = task_metrics(s, data["xq"], data["yq"], data["zq"])
+        values = task_metrics(s, data["xq"], data["yq"], data["zq"], generator)
+        majority = (data["ys"].mean(-1, keepdim=True) >= 0.5).to(s.dtype) * 2 - 1
+        values["constant_accuracy"] = accuracy(majority.expand_as(s), data["yq"])
         for m in METRICS:
             per_episode[m].append(values[m])
         per_task[task.name] = {m: float(values[m].nanmean()) for m in METRICS}
+        by_episode[task.name] = {m: v.tolist() for m, v in values.items()}
     summary = {m: mean_ci(torch.cat(per_episode[m])) for m in METRICS}
-    return {"summary": summary, "per_task": per_task}
+    return {"summary": summary, "per_task": per_task, "episodes": by_episode,
+            "indefinite": {"count": indefinite, "of": checked if isinstance(method.problem, FairMetaProblem) else 0}}
