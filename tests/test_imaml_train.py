@@ -134,14 +134,25 @@ def test_solvers_are_made_by_name_and_an_unknown_one_is_named():
         Config(solver="lsqr").resolved()
 
 
-def test_cli_runs_a_short_sinusoid_training(tmp_path, capsys):
+def test_cli_runs_a_short_sinusoid_training_with_its_maml_baseline_and_reports(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="bilevel")
     cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["imaml", "--steps", "4", "--meta-batch", "3", "--log-every", "2", "--eval-every", "4",
                               "--checkpoint-every", "2", "--eval-tasks", "4", "--final-tasks", "4",
                               "--solver", "cg", "--damping", "0.1", "--out-dir", str(tmp_path), "--no-progress"])
     assert args.func(args) == 0
-    assert '"loss_after"' in capsys.readouterr().out
-    assert (tmp_path / CHECKPOINT).is_file()
+    printed = capsys.readouterr().out
+    final = json.loads((tmp_path / "final.json").read_text())
+    test, maml = final["test"], final["baseline"]
+    assert f"Files in {tmp_path}: " in printed and "final.json" in printed
+    assert f"after adaptation      {test['loss_after']:.3f} +- {test['loss_after_ci95']:.3f}" in printed
+    assert f"before adaptation     {test['loss_before']:.3f}" in printed
+    assert f"predicting zero       {test['loss_zero']:.3f}" in printed
+    assert f"MAML baseline (10 inner steps of 0.02, lam 0, 4 meta-steps), after adaptation: " \
+           f"{maml['test']['loss_after']:.3f}" in printed
+    adjoint = final["solver_outcomes"]["adjoint"]
+    assert f"{adjoint['converged']} of 12 converged" in printed and adjoint["solves"] == 12
+    assert (tmp_path / CHECKPOINT).is_file() and (tmp_path / "baseline_maml" / CHECKPOINT).is_file()
+    assert load_checkpoint(tmp_path / "baseline_maml")["config"]["mode"] == "unrolled"
     log = metrics(tmp_path)
     assert [r["step"] for r in log] == [2, 4] and sum(log[0]["solve_status"].values()) == 6

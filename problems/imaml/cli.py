@@ -23,7 +23,7 @@ __all__ = ["register", "run"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from bilevel.problems.imaml.config import DATASETS, MODES, SOLVERS, SPLITS, Config
+    from bilevel.problems.imaml.config import BASELINES, DATASETS, INNER_OPTIMIZERS, MODES, SOLVERS, SPLITS, Config
     from bilevel.runs import add_run_flags, count, real, track_given
 
     defaults = Config()
@@ -42,8 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=MODES, default=defaults.mode,
                    help="implicit = iMAML, unrolled = MAML, first_order = FOMAML (default implicit)")
     p.add_argument("--solver", choices=sorted(SOLVERS), default=defaults.solver,
-                   help="linear solver for (I + H/lam) (default cg; minres handles indefinite systems)")
-    p.add_argument("--cg-steps", type=count(1), default=defaults.cg_steps, help="solver iterations (default 5)")
+                   help="linear solver for (I + H/lam) (default minres on the sinusoid, which handles indefinite "
+                        "systems; cg on Omniglot)")
+    p.add_argument("--cg-steps", type=count(1), default=defaults.cg_steps,
+                   help="solver iterations (default 20 sinusoid, 5 Omniglot)")
+    p.add_argument("--solver-rtol", type=real(0, low_open=True),
+                   help="the adjoint solve converges when ||b - A v|| <= rtol ||b|| (default 1e-2 sinusoid, "
+                        "the solver's 1e-5 on Omniglot)")
     p.add_argument("--damping", type=real(0), default=defaults.damping,
                    help="add damping * I to H + lam I in the adjoint solve (default 0)")
     p.add_argument("--lam", type=real(0), help="proximal strength (default 2 on Omniglot, 1 on sinusoid; "
@@ -51,8 +56,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--inner-lr", type=real(0, low_open=True),
                    help="inner step size (default 0.1 Omniglot, 0.02 sinusoid)")
     p.add_argument("--inner-steps", type=count(1),
-                   help="inner steps (default 16 for 5-way, 25 for 20-way, 40 sinusoid)")
-    p.add_argument("--inner-optimizer", choices=("gd", "nesterov"), default=defaults.inner_optimizer)
+                   help="inner steps (default 16 for 5-way, 25 for 20-way, 20 sinusoid; 10 for MAML/FOMAML on "
+                        "the sinusoid)")
+    p.add_argument("--inner-optimizer", choices=INNER_OPTIMIZERS, default=defaults.inner_optimizer,
+                   help="armijo: gradient descent with a per-task backtracking step that cannot diverge "
+                        "(default on the sinusoid); gd: fixed steps of --inner-lr (default otherwise); nesterov")
+    p.add_argument("--inner-tol", type=real(0, low_open=True),
+                   help="armijo: a task whose inner gradient norm is at most this stops moving "
+                        "(default 1e-3 sinusoid)")
     p.add_argument("--prox-schedule", choices=("every_step", "last_step"), default=defaults.prox_schedule,
                    help="proximal term in every inner step (the formula, default) or one proximal step after "
                         "plain steps on the support loss (the paper's reference code)")
@@ -82,16 +93,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                       "shared/data in the current folder or above, else ~/.cache/bilevel/data)")
     p.add_argument("--cache-dir", help="decoded-image cache (default $BILEVEL_CACHE_DIR or ~/.cache/bilevel)")
     add_run_flags(p, "<out-dir>/checkpoint.pt")
+    p.add_argument("--baseline", choices=BASELINES,
+                   help="also meta-train MAML at its usual setting (10 inner steps, lam 0) with the same tasks, in "
+                        "<out-dir>/baseline_maml, and compare (default: maml for the sinusoid iMAML job)")
+    p.add_argument("--spike-factor", type=real(1, low_open=True), default=defaults.spike_factor,
+                   help="warn when a step's query loss exceeds this times its running median (default 10)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
     from bilevel.devices import resolve_device
     from bilevel.problems.imaml.config import RESUMABLE, Config
-    from bilevel.problems.imaml.train import load_checkpoint, train
+    from bilevel.problems.imaml.job import report, run_job
+    from bilevel.problems.imaml.train import load_checkpoint
     from bilevel.runs import given_flags, restore, settings_of
 
     fields = {f.name for f in dataclasses.fields(Config)}
@@ -102,8 +117,6 @@ def run(args: argparse.Namespace) -> int:
                            RESUMABLE, settings["out_dir"])
     if settings["device"] is None:  # a new run without --device
         settings["device"] = str(resolve_device(None))
-    final = train(Config(**settings), resume=args.resume or False, overwrite=args.overwrite)
-    print(json.dumps(final["test"], indent=2))
-    if "official_runs" in final:
-        print(f"official 20-way one-shot runs: accuracy {final['official_runs']['accuracy']:.4f}")
+    final = run_job(Config(**settings), resume=args.resume or False, overwrite=args.overwrite)
+    print(report(final))
     return 0

@@ -13,13 +13,19 @@ from bilevel.devices import resolve_device
 from bilevel.problems.imaml.omniglot import SPLITS
 from bilevel.solvers import SOLVERS
 
-__all__ = ["Config", "DATASETS", "MODES", "SOLVERS", "SPLITS", "RESUMABLE"]
+__all__ = ["Config", "DATASETS", "MODES", "SOLVERS", "SPLITS", "RESUMABLE", "BASELINES", "INNER_OPTIMIZERS"]
 
 DATASETS = ("sinusoid", "omniglot")
 MODES = ("implicit", "unrolled", "first_order")
 # Settings that may change when a run is resumed; everything else must match the checkpoint.
 RESUMABLE = ("steps", "max_minutes", "cuda_graph", "chunk_size", "eval_lam", "device", "data_dir", "cache_dir",
-             "out_dir", "progress")
+             "out_dir", "progress", "spike_factor", "baseline")
+BASELINES = ("maml", "none")
+# The sinusoid main job's iMAML settings, chosen by benchmarks/imaml_sweep.py (docs/imaml.md,
+# "Choosing the main job's settings").
+SINUSOID = dict(lam=1.0, inner_steps=20, inner_optimizer="armijo", inner_tol=1e-3, solver="minres", cg_steps=20,
+                solver_rtol=1e-2, steps=1000)
+INNER_OPTIMIZERS = ("gd", "nesterov", "armijo")
 
 # Counts that make sense only from 1 up (a None field takes its default, which is valid;
 # chunk_size None batches the whole meta-batch).
@@ -56,13 +62,15 @@ class Config:
     shots: int | None = None
     queries: int | None = None
     mode: str = "implicit"
-    solver: str = "cg"
-    cg_steps: int = 5
+    solver: str | None = None
+    cg_steps: int | None = None
+    solver_rtol: float | None = None
     damping: float = 0.0
     lam: float | None = None
     inner_lr: float | None = None
     inner_steps: int | None = None
-    inner_optimizer: str = "gd"
+    inner_optimizer: str | None = None
+    inner_tol: float | None = None
     prox_schedule: str = "every_step"
     eval_lam: float | None = None
     meta_batch: int | None = None
@@ -82,6 +90,8 @@ class Config:
     data_dir: str | None = None
     cache_dir: str | None = None
     progress: bool = True
+    spike_factor: float = 10.0
+    baseline: str | None = None
 
     def resolved(self) -> "Config":
         """A copy with every ``None`` default filled in and the settings validated."""
@@ -91,7 +101,7 @@ class Config:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.solver not in SOLVERS:
+        if self.solver is not None and self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {self.solver!r}")
         counts = {k: getattr(self, k) for k in _POSITIVE_COUNTS if getattr(self, k) is not None}
         bad = {k: v for k, v in counts.items() if not (isinstance(v, int) and v >= 1)}
@@ -113,17 +123,34 @@ class Config:
             raise ValueError(f"meta_lr must be positive, got {self.meta_lr}")
         if not self.damping >= 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
-        if self.mode == "unrolled" and self.inner_optimizer != "gd":
+        if self.inner_optimizer is not None and self.inner_optimizer not in INNER_OPTIMIZERS:
+            raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {self.inner_optimizer!r}")
+        if self.baseline is not None and self.baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
+        for name in ("solver_rtol", "inner_tol"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if not self.spike_factor > 1:
+            raise ValueError(f"spike_factor must be > 1, got {self.spike_factor}")
+        if self.mode == "unrolled" and self.inner_optimizer not in (None, "gd"):
             raise ValueError("mode='unrolled' differentiates through gradient descent: use inner_optimizer='gd'")
         omniglot = self.dataset == "omniglot"
+        implicit, sinusoid = self.mode == "implicit", not omniglot
         defaults = dict(
             shots=1 if omniglot else 10,
             queries=5 if omniglot else 10,
-            lam=(2.0 if omniglot else 1.0) if self.mode == "implicit" else 0.0,
+            lam=(2.0 if omniglot else SINUSOID["lam"]) if implicit else 0.0,
             inner_lr=0.1 if omniglot else 0.02,
-            inner_steps=(16 if self.ways <= 5 else 25) if omniglot else 40,
+            inner_steps=(16 if self.ways <= 5 else 25) if omniglot else SINUSOID["inner_steps"] if implicit else 10,
+            inner_optimizer=SINUSOID["inner_optimizer"] if sinusoid and implicit else "gd",
+            inner_tol=SINUSOID["inner_tol"] if sinusoid and implicit else None,
+            solver=SINUSOID["solver"] if sinusoid else "cg",
+            cg_steps=SINUSOID["cg_steps"] if sinusoid else 5,
+            solver_rtol=SINUSOID["solver_rtol"] if sinusoid else None,
             meta_batch=32 if omniglot else 25,
-            steps=30000 if omniglot else 1000,
+            steps=30000 if omniglot else SINUSOID["steps"],
+            baseline="maml" if sinusoid and implicit else "none",
         )
         filled = {k: v if getattr(self, k) is None else getattr(self, k) for k, v in defaults.items()}
         return dataclasses.replace(self, **filled)

@@ -36,11 +36,14 @@ class Experiment:
     chunk_size: int | None = None
 
 
-def make_solver(name: str, maxiter: int, damping: float) -> Any:
+def make_solver(name: str, maxiter: int, damping: float, rtol: float | None = None) -> Any:
     """The adjoint solver ``name`` from :mod:`bilevel.solvers`, capped at ``maxiter`` iterations,
-    with ``damping`` added to the operator's diagonal (the solvers' ``ridge``)."""
+    with ``damping`` added to the operator's diagonal (the solvers' ``ridge``) and relative
+    tolerance ``rtol`` (``None``: the solver's default)."""
     cls = SOLVERS[name]
     kwargs: dict[str, Any] = {"ridge": damping} if damping else {}
+    if rtol is not None:
+        kwargs["rtol"] = rtol
     if "maxiter" in {f.name for f in dataclasses.fields(cls)}:
         kwargs["maxiter"] = maxiter
     return cls(**kwargs)
@@ -69,10 +72,12 @@ def build(config: Config, omniglot_images: tuple[np.ndarray, np.ndarray] | None 
         test = OmniglotTasks(omniglot_images[1], config.ways, config.shots, config.queries)
     def make_problem(lam: float) -> IMAMLProblem:
         return IMAMLProblem(forward, loss, lam=lam, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
-                            inner_optimizer=config.inner_optimizer, prox_schedule=config.prox_schedule)
+                            inner_optimizer=config.inner_optimizer, prox_schedule=config.prox_schedule,
+                            inner_tol=config.inner_tol)
 
     problem = make_problem(config.lam)
     eval_problem = problem if config.eval_lam is None else make_problem(config.eval_lam)
-    solver = make_solver(config.solver, config.cg_steps, config.damping) if config.mode == "implicit" else None
+    solver = (make_solver(config.solver, config.cg_steps, config.damping, config.solver_rtol)
+              if config.mode == "implicit" else None)
     return Experiment(problem, init, train, test, solver, config.dataset == "omniglot", eval_problem,
                       config.chunk_size)

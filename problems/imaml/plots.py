@@ -24,18 +24,34 @@ def _pyplot():
     return plt
 
 
-def learning_curves(metrics: Path, png: Path, *, classification: bool) -> None:
-    """Training query loss, and evaluation before/after adaptation, against the meta-step."""
-    records = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+def _records(metrics: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+
+
+def learning_curves(metrics: Path, png: Path, *, classification: bool, label: str | None = None,
+                    baseline: tuple[Path, str] | None = None) -> None:
+    """Training query loss, and evaluation before/after adaptation, against the meta-step.
+
+    ``baseline``: the ``metrics.jsonl`` of a second run and its name, drawn dashed
+    beside this run (``label``) on both panels.
+    """
     plt = _pyplot()
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot([r["step"] for r in records], [r["query_loss"] for r in records])
-    ax_loss.set(xlabel="meta-step", ylabel="query loss after adaptation (train tasks)", yscale="log")
-    evals = [r for r in records if "eval" in r]
     key = "acc" if classification else "loss"
-    steps = [r["step"] for r in evals]
-    for when in ("before", "after"):
-        ax_eval.plot(steps, [r["eval"][f"{key}_{when}"] for r in evals], marker="o", label=f"{when} adaptation")
+    runs = [(_records(metrics), label, "-")]
+    if baseline is not None:
+        runs.append((_records(baseline[0]), baseline[1], "--"))
+    for records, name, style in runs:
+        prefix = f"{name}: " if name else ""
+        ax_loss.plot([r["step"] for r in records], [r["query_loss"] for r in records], style, label=name)
+        evals = [r for r in records if "eval" in r]
+        steps = [r["step"] for r in evals]
+        for color, when in (("C1", "before"), ("C0", "after")):
+            ax_eval.plot(steps, [r["eval"][f"{key}_{when}"] for r in evals], style, color=color, marker="o",
+                         label=f"{prefix}{when} adaptation")
+    ax_loss.set(xlabel="meta-step", ylabel="query loss after adaptation (train tasks)", yscale="log")
+    if baseline is not None:
+        ax_loss.legend()
     ax_eval.set(xlabel="meta-step", ylabel=f"held-out query {'accuracy' if classification else 'MSE'}")
     if not classification:
         ax_eval.set_yscale("log")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import bilevel
+from bilevel.problems.imaml.inner import armijo_descent
 from bilevel.problems.imaml.models import Params
 from bilevel.problems.imaml.tasks import Task
 from bilevel.solvers import CG, LinearSolver, Status
@@ -35,7 +36,7 @@ __all__ = ["IMAMLProblem", "MetaGradient", "Adaptation", "meta_gradient", "adapt
 
 Forward = Callable[[Params, Tensor], Tensor]
 Loss = Callable[[Tensor, Tensor], Tensor]
-INNER_OPTIMIZERS = ("gd", "nesterov")
+INNER_OPTIMIZERS = ("gd", "nesterov", "armijo")
 PROX_SCHEDULES = ("every_step", "last_step")
 
 
@@ -57,10 +58,15 @@ class IMAMLProblem(bilevel.BilevelProblem):
             unrolled and first-order modes into plain MAML and FOMAML).
         inner_lr, inner_steps: the inner solver: ``inner_steps`` steps of size
             ``inner_lr`` from ``theta`` (paper: 0.1, 16 for 5-way, 25 for 20-way).
-        inner_optimizer: ``"gd"`` (the paper's iMAML-GD) or ``"nesterov"``
+        inner_optimizer: ``"gd"`` (the paper's iMAML-GD), ``"nesterov"``
             (Nesterov's accelerated gradient with momentum ``(k - 1) / (k + 2)`` at
-            step ``k``); iMAML needs only the inner solution, so any optimizer
-            works in the implicit and first-order modes.
+            step ``k``) or ``"armijo"`` (gradient descent with a per-task
+            backtracking step that starts from ``inner_lr``, so the inner objective
+            never increases: :func:`~bilevel.problems.imaml.inner.armijo_descent`);
+            iMAML needs only the inner solution, so any optimizer works in the
+            implicit and first-order modes.
+        inner_tol: with ``"armijo"``, a task whose inner gradient norm is at most
+            ``inner_tol`` stops moving (``None``: all ``inner_steps`` for every task).
         prox_schedule: ``"every_step"`` (default): every step descends
             ``L_train + lam/2 ||phi - theta||^2``, the inner problem of the formula.
             ``"last_step"``: the steps descend ``L_train`` alone and one proximal
@@ -73,7 +79,8 @@ class IMAMLProblem(bilevel.BilevelProblem):
     residual_tol = None  # a few inner steps give an approximate phi_i by design
 
     def __init__(self, forward: Forward, loss: Loss, *, lam: float = 2.0, inner_lr: float = 0.1,
-                 inner_steps: int = 16, inner_optimizer: str = "gd", prox_schedule: str = "every_step"):
+                 inner_steps: int = 16, inner_optimizer: str = "gd", prox_schedule: str = "every_step",
+                 inner_tol: float | None = None):
         if lam < 0:
             raise ValueError(f"lam must be >= 0, got {lam}")
         if inner_optimizer not in INNER_OPTIMIZERS:
@@ -82,7 +89,7 @@ class IMAMLProblem(bilevel.BilevelProblem):
             raise ValueError(f"prox_schedule must be one of {PROX_SCHEDULES}, got {prox_schedule!r}")
         self.forward, self.loss, self.lam = forward, loss, lam
         self.inner_lr, self.inner_steps = inner_lr, inner_steps
-        self.inner_optimizer, self.prox_schedule = inner_optimizer, prox_schedule
+        self.inner_optimizer, self.prox_schedule, self.inner_tol = inner_optimizer, prox_schedule, inner_tol
 
     def support_loss(self, phi: Params, task: Task) -> Tensor:
         return self.loss(self.forward(phi, task.support_x), task.support_y)
@@ -103,7 +110,15 @@ class IMAMLProblem(bilevel.BilevelProblem):
         return theta
 
     def solve_inner(self, theta: Params, task: Task, init: Params) -> Params:
-        """``inner_steps`` of gradient descent (no early exit), or of Nesterov's method."""
+        """``inner_steps`` of gradient descent (no early exit), of Nesterov's method, or of
+        Armijo-safeguarded gradient descent."""
+        if self.inner_optimizer == "armijo":
+            if self.prox_schedule == "every_step":
+                return armijo_descent(lambda phi: self.inner_objective(phi, theta, task), init, self.inner_steps,
+                                      self.inner_lr, tol=self.inner_tol)
+            phi = armijo_descent(lambda phi: self.support_loss(phi, task), init, self.inner_steps,
+                                 self.inner_lr, tol=self.inner_tol)
+            return self._last_prox_step(phi, theta)
         support_grad = torch.func.grad(self.support_loss)
 
         def direction(phi: Params) -> Params:
@@ -117,30 +132,45 @@ class IMAMLProblem(bilevel.BilevelProblem):
             look = {n: phi[n] + momentum * (phi[n] - previous[n]) for n in phi} if momentum else phi
             step = direction(look)
             phi, previous = {n: look[n] - self.inner_lr * step[n] for n in phi}, phi
-        if self.prox_schedule == "last_step":
-            keep = 1.0 - self.inner_lr * self.lam
-            phi = {n: theta[n] + keep * (phi[n] - theta[n]) for n in phi}
-        return phi
+        return self._last_prox_step(phi, theta) if self.prox_schedule == "last_step" else phi
+
+    def _last_prox_step(self, phi: Params, theta: Params) -> Params:
+        """``phi <- phi - inner_lr * lam * (phi - theta)``: the reference code's closing proximal step."""
+        keep = 1.0 - self.inner_lr * self.lam
+        return {n: theta[n] + keep * (phi[n] - theta[n]) for n in phi}
 
 
 class MetaGradient(NamedTuple):
     """Meta-batch average of the task meta-gradients, with per-task diagnostics.
 
-    ``query_loss``: ``L_test_i(phi_i)`` per task; ``status`` and ``iterations``:
-    the adjoint solve's :class:`~bilevel.solvers.Status` code and iteration count
-    per task (``None`` outside the implicit mode).
+    ``query_loss``: ``L_test_i(phi_i)`` per task. ``inner_residual``: ``||G(phi_i)||``,
+    the norm of the inner objective's gradient at the adapted parameters (0 at an
+    exact inner solution). In the implicit mode only (else ``None``): ``status``
+    and ``iterations``, the adjoint solve's :class:`~bilevel.solvers.Status` code
+    and iteration count per task, and ``adjoint_residual``, its true relative
+    residual ``||b - A v|| / ||b||`` (``A = H + (lam + damping) I``,
+    ``b = grad L_test(phi_i)``) recomputed from the returned ``v``, whatever the
+    solver's recurrence claimed.
     """
 
     grad: Params
     query_loss: Tensor
     status: Tensor | None
     iterations: Tensor | None
+    inner_residual: Tensor | None = None
+    adjoint_residual: Tensor | None = None
 
     def count(self, status: Status) -> Tensor:
         """Number of tasks whose adjoint solve ended with ``status`` (a tensor: no host sync)."""
         if self.status is None:
             return torch.zeros((), dtype=torch.int64)
         return (self.status == int(status)).sum()
+
+    def converged(self, rtol: float) -> Tensor:
+        """Number of tasks whose adjoint solve reached ``||b - A v|| <= rtol ||b||`` (a tensor)."""
+        if self.adjoint_residual is None:
+            return torch.zeros((), dtype=torch.int64)
+        return (self.adjoint_residual <= rtol).sum()
 
 
 def meta_gradient(problem: IMAMLProblem, theta: Params, tasks: Task, *,
@@ -151,6 +181,7 @@ def meta_gradient(problem: IMAMLProblem, theta: Params, tasks: Task, *,
     ``solver`` defaults to ``CG(maxiter=5)`` in the implicit mode (the paper's 5
     CG steps); a system that is not positive definite stops early with
     ``Status.NEGATIVE_CURVATURE``, counted by :meth:`MetaGradient.count`.
+    The adjoint's true relative residual costs one more query gradient per task.
     ``chunk_size`` (``torch.func.vmap``'s argument) batches that many tasks at a
     time, ``None`` all of them: the results are the same, and a smaller chunk
     holds fewer tasks' activations at once (for memory), usually at some cost
@@ -164,16 +195,22 @@ def meta_gradient(problem: IMAMLProblem, theta: Params, tasks: Task, *,
         solver = CG(maxiter=5)
     kwargs = {"solver": solver} if implicit else {}
 
+    query_grad = torch.func.grad(problem.query_loss)
+
     def one(task: Task):
         result = bilevel.hypergradient(problem, theta, task, mode=mode, on_failure="ignore", **kwargs)
-        if implicit:
-            return result.grad, result.outer_loss, result.solve.status, result.solve.iterations
-        return result.grad, result.outer_loss
+        if not implicit:
+            return result.grad, result.outer_loss, result.inner_residual
+        b = torch.sqrt(sum((g * g).sum() for g in query_grad(result.inner, task).values()))
+        relative = result.solve.residual_norm / torch.clamp(b, min=torch.finfo(b.dtype).tiny)
+        return (result.grad, result.outer_loss, result.inner_residual, result.solve.status,
+                result.solve.iterations, relative)
 
     out = torch.func.vmap(one, chunk_size=chunk_size)(tasks)
     grad = {k: g.mean(0) for k, g in out[0].items()}
-    status, iterations = (out[2], out[3]) if implicit else (None, None)
-    return MetaGradient(grad, out[1], status, iterations)
+    if implicit:
+        return MetaGradient(grad, out[1], out[3], out[4], out[2], out[5])
+    return MetaGradient(grad, out[1], None, None, out[2])
 
 
 class Adaptation(NamedTuple):

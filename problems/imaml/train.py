@@ -6,7 +6,11 @@ computation over tasks) and takes an Adam step. Statistics stay on the device
 and are read back every ``log_every`` steps only, written as JSON lines to
 ``<out_dir>/metrics.jsonl``: query loss, the adjoint solves' outcomes per
 status (``negative_curvature`` counts the tasks whose ``I + H/lam`` was found
-indefinite by CG), evaluation before and after adaptation.
+indefinite by CG; ``adjoint_converged`` those whose true residual met the
+solver's ``rtol``), the inner residual, evaluation before and after adaptation,
+and the health warnings of :class:`~bilevel.problems.imaml.monitor.Monitor`
+(most solves failing, loss spikes; NaN stops the run). ``final.json`` ends with
+the run's solver outcomes.
 
 ``<out_dir>/checkpoint.pt`` (settings, meta-parameters, Adam state, step,
 sampler state) is written at step 0 and every ``checkpoint_every`` steps by
@@ -37,6 +41,7 @@ from bilevel.cuda_graph import CUDAGraphed
 from bilevel.problems.imaml.config import RESUMABLE, Config
 from bilevel.problems.imaml.experiment import Experiment, build
 from bilevel.problems.imaml.models import Params
+from bilevel.problems.imaml.monitor import Monitor, summarize
 from bilevel.problems.imaml.problem import MetaGradient, adapt, meta_gradient
 from bilevel.runs import output_patterns, prepare_output, read_records, write_records
 from bilevel.solvers import Status
@@ -55,12 +60,14 @@ def evaluate(exp: Experiment, theta: Params, n_tasks: int, chunk: int, device: t
              seed: int, test: bool = True) -> dict[str, Any]:
     """Loss (and accuracy) on the queries of ``n_tasks`` fixed tasks, before and after adaptation.
 
-    Returns means, and for the post-adaptation accuracy (classification) or loss
-    (regression) the half-width of a 95% confidence interval (1.96 standard errors).
+    Returns means, each with the half-width of a 95% confidence interval over tasks
+    (``_ci95``: 1.96 standard errors). For regression also ``loss_zero``, the
+    error of predicting 0 on the same queries (the mean of ``y^2``).
     """
     rng = np.random.default_rng([seed, EVAL_SEED])
     sampler = exp.test_tasks if test else exp.train_tasks
-    parts: dict[str, list[torch.Tensor]] = {"loss_before": [], "loss_after": [], "acc_before": [], "acc_after": []}
+    parts: dict[str, list[torch.Tensor]] = {"loss_before": [], "loss_after": [], "acc_before": [], "acc_after": [],
+                                            "loss_zero": []}
     done = 0
     while done < n_tasks:
         size = min(chunk, n_tasks - done)
@@ -71,14 +78,15 @@ def evaluate(exp: Experiment, theta: Params, n_tasks: int, chunk: int, device: t
         if exp.classification:
             parts["acc_before"].append((out.output_before.argmax(-1) == tasks.query_y).float().mean(-1))
             parts["acc_after"].append((out.output_after.argmax(-1) == tasks.query_y).float().mean(-1))
+        else:
+            parts["loss_zero"].append(tasks.query_y.flatten(1).square().mean(1))  # MSE of predicting 0
         done += size
     result: dict[str, Any] = {"tasks": n_tasks}
     for key, values in parts.items():
         if values:
             v = torch.cat(values).double().cpu()
             result[key] = float(v.mean())
-            if key.endswith("after"):
-                result[key + "_ci95"] = float(1.96 * v.std() / math.sqrt(len(v))) if len(v) > 1 else 0.0
+            result[key + "_ci95"] = float(1.96 * v.std() / math.sqrt(len(v))) if len(v) > 1 else 0.0
     return result
 
 
@@ -115,33 +123,46 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 class _Window:
-    """Per-step statistics kept as device tensors between two logs (no host sync per step)."""
+    """Per-step statistics kept as device tensors between two logs (no host sync per step).
 
-    def __init__(self) -> None:
+    ``rtol``: the adjoint solver's relative tolerance, against which each solve's
+    true residual counts as converged (``None``: the solver's own status decides).
+    """
+
+    def __init__(self, rtol: float | None) -> None:
+        self.rtol = rtol
         self.reset()
 
     def reset(self) -> None:
         self.loss: list[torch.Tensor] = []
+        self.inner: list[torch.Tensor] = []
         self.status: list[torch.Tensor] = []
+        self.converged: list[torch.Tensor] = []
         self.iterations: list[torch.Tensor] = []
 
-    def add(self, mg) -> None:
+    def add(self, mg: MetaGradient) -> None:
         self.loss.append(mg.query_loss.mean())
+        if mg.inner_residual is not None:
+            self.inner.append(torch.stack([mg.inner_residual.mean(), mg.inner_residual.max()]))
         if mg.status is not None:
             self.status.append(torch.stack([mg.count(s) for s in Status]))
+            self.converged.append(mg.count(Status.CONVERGED) if self.rtol is None else mg.converged(self.rtol))
             self.iterations.append(mg.iterations.float().mean())
 
-    def flush(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"query_loss": float(torch.stack(self.loss).mean())}
-        if not math.isfinite(out["query_loss"]):
-            raise FloatingPointError("the meta-training loss became NaN/Inf; lower --meta-lr or --inner-lr, "
-                                     "or add --damping")
+    def flush(self) -> tuple[dict[str, Any], list[float]]:
+        """The window's log entries and its per-step mean query losses; then starts a new window."""
+        losses = torch.stack(self.loss)
+        out: dict[str, Any] = {"query_loss": float(losses.mean())}
+        if self.inner:
+            inner = torch.stack(self.inner)
+            out["inner_residual"], out["inner_residual_max"] = float(inner[:, 0].mean()), float(inner[:, 1].max())
         if self.status:
             counts = torch.stack(self.status).sum(0).tolist()
             out["solve_status"] = {s.name.lower(): int(c) for s, c in zip(Status, counts)}
+            out["adjoint_converged"] = int(torch.stack(self.converged).sum())
             out["solve_iterations"] = float(torch.stack(self.iterations).mean())
         self.reset()
-        return out
+        return out, losses.tolist()
 
 
 def train(config: Config, *, resume: bool | str = False, overwrite: bool = False,
@@ -185,7 +206,9 @@ def train(config: Config, *, resume: bool | str = False, overwrite: bool = False
     if config.cuda_graph:
         compute = CUDAGraphed(compute)
     bar = tqdm(total=config.steps, initial=step, disable=not config.progress, desc=f"imaml {config.dataset}")
-    window, resumed_at = _Window(), time.perf_counter()
+    window, resumed_at = _Window(getattr(exp.solver, "rtol", None)), time.perf_counter()
+    monitor = Monitor(spike_factor=config.spike_factor)
+    monitor.replay(read_records(metrics_path))
     started = resumed_at - elapsed  # "seconds" in the metrics counts the training time of every run so far
     deadline = resumed_at + 60 * config.max_minutes if config.max_minutes else math.inf
     with metrics_path.open("a") as log:
@@ -201,7 +224,11 @@ def train(config: Config, *, resume: bool | str = False, overwrite: bool = False
             last = step == config.steps
             if step % config.log_every == 0 or last:
                 last = last or time.perf_counter() >= deadline
-                record = {"step": step, **window.flush(), "seconds": time.perf_counter() - started}
+                entries, losses = window.flush()
+                record = {"step": step, **entries, "seconds": time.perf_counter() - started}
+                alerts = monitor.check(step - len(losses) + 1, losses, record)
+                if alerts:
+                    record["warnings"] = alerts
                 if step % config.eval_every == 0 or last:
                     record["eval"] = evaluate(exp, theta, config.eval_tasks, config.meta_batch, device, config.seed)
                 log.write(json.dumps(record) + "\n")
@@ -218,6 +245,7 @@ def train(config: Config, *, resume: bool | str = False, overwrite: bool = False
 def _postfix(record: dict[str, Any]) -> dict[str, str]:
     post = {"loss": f"{record['query_loss']:.3f}"}
     if "solve_status" in record:
+        post["solved"] = f"{record['adjoint_converged']}/{sum(record['solve_status'].values())}"
         post["negcurv"] = str(record["solve_status"]["negative_curvature"])
     if "eval" in record:
         ev = record["eval"]
@@ -229,8 +257,10 @@ def _finish(config: Config, exp: Experiment, theta: Params, device: torch.device
             step: int) -> dict[str, Any]:
     from bilevel.problems.imaml import plots
 
+    records = read_records(out / METRICS)
     final: dict[str, Any] = {"config": config.to_dict(), "meta_steps": step,
-                             "test": evaluate(exp, theta, config.final_tasks, config.meta_batch, device, config.seed)}
+                             "test": evaluate(exp, theta, config.final_tasks, config.meta_batch, device, config.seed),
+                             "solver_outcomes": summarize(records)}
     if exp.classification and config.ways == 20 and config.shots == 1 and config.split == "official-runs":
         from bilevel.problems.imaml.evaluation import official_runs_accuracy
 
