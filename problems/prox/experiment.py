@@ -66,11 +66,11 @@ def hypergradient(problem: ProxRestoration, theta: Theta, clean: Tensor, y: Tens
         return result.grad, result.outer_loss, result.inner, result.solve, iterations
     live = {k: v.detach().requires_grad_() for k, v in theta.items()}
     solution = (problem.pg_solution if how == "pg" else problem.admm_solution)(solver, on_failure)
-    out, iterations = solution(live, y)
+    out = solution(live, y)
     x = out if how == "pg" else out["x"]
     loss = problem.outer_objective(x, live, data)
     grads = torch.autograd.grad(loss, list(live.values()))
-    return dict(zip(live, grads)), loss.detach(), x.detach(), solution.last_solve, iterations
+    return dict(zip(live, grads)), loss.detach(), x.detach(), solution.last_solve, solution.forward_iterations
 
 
 def _problem(settings: dict[str, Any], dtype: torch.dtype, device: torch.device) -> ProxRestoration:

@@ -120,12 +120,14 @@ class ProxRestoration(BilevelProblem):
         return iterate(lambda s: self._pg(s, y, *ops), x, self.tol, self.inner_steps)
 
     def pg_solution(self, solver: LinearSolver | str = "gmres", on_failure: OnFailure = "warn"
-                    ) -> Callable[[Theta, Tensor], tuple[Tensor, int]]:
-        """``(theta, y) -> (x*, iterations)``, differentiable by :func:`bilevel.implicit_fixed_point`."""
+                    ) -> Callable[[Theta, Tensor], Tensor]:
+        """``(theta, y) -> x*``, differentiable by :func:`bilevel.implicit_fixed_point`; the forward
+        iterations of the last call are kept in ``.forward_iterations``, the adjoint solve in ``.last_solve``."""
 
-        @bilevel.implicit_fixed_point(self.pg_step, solver, has_aux=True, on_failure=on_failure)
-        def solve(theta: Theta, y: Tensor) -> tuple[Tensor, int]:
-            return self.run_pg(theta, y, y.clone())
+        @bilevel.implicit_fixed_point(self.pg_step, solver, on_failure=on_failure)
+        def solve(theta: Theta, y: Tensor) -> Tensor:
+            x, solve.forward_iterations = self.run_pg(theta, y, y.clone())
+            return x
 
         return solve
 
@@ -157,12 +159,14 @@ class ProxRestoration(BilevelProblem):
         return iterate(lambda s: self._admm(s, y, *ops), state, self.tol, self.inner_steps)
 
     def admm_solution(self, solver: LinearSolver | str = "gmres", on_failure: OnFailure = "warn"
-                      ) -> Callable[[Theta, Tensor], tuple[dict[str, Tensor], int]]:
-        """``(theta, y) -> ({x, z, u}, iterations)``, differentiable by :func:`bilevel.implicit_fixed_point`."""
+                      ) -> Callable[[Theta, Tensor], dict[str, Tensor]]:
+        """``(theta, y) -> {x, z, u}``, differentiable by :func:`bilevel.implicit_fixed_point`; the forward
+        iterations of the last call are kept in ``.forward_iterations``, the adjoint solve in ``.last_solve``."""
 
-        @bilevel.implicit_fixed_point(self.admm_step, solver, has_aux=True, on_failure=on_failure)
-        def solve(theta: Theta, y: Tensor) -> tuple[dict[str, Tensor], int]:
-            return self.run_admm(theta, y, self.admm_start(y.clone(), theta))
+        @bilevel.implicit_fixed_point(self.admm_step, solver, on_failure=on_failure)
+        def solve(theta: Theta, y: Tensor) -> dict[str, Tensor]:
+            state, solve.forward_iterations = self.run_admm(theta, y, self.admm_start(y.clone(), theta))
+            return state
 
         return solve
 
