@@ -58,9 +58,10 @@ class BilevelProblem:
 
     ``inner``, ``outer`` may be tensors, tuples or dicts of tensors (e.g. the
     parameters of an ``nn.Module`` used through ``torch.func.functional_call``);
-    ``data`` is passed through untouched.
+    ``data`` is passed through untouched. Override the attributes below on the
+    subclass or the instance.
 
-    Attributes (override on the subclass or the instance):
+    Attributes:
         inner_lr: step of the default inner update ``phi <- phi - inner_lr * G(phi, theta)``.
         inner_steps: steps of the default :meth:`solve_inner` (at most) and of the
             ``"unrolled"``/``"truncated"`` modes (exactly).
