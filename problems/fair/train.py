@@ -264,7 +264,8 @@ def evaluate(cfg: Config, outer: dict, tasks: list[Task], *, episodes: int = 20,
     per_task, by_episode, indefinite, checked = {}, {}, 0, 0
     for task in tasks:
         data = evaluation_episodes(task, episodes, cfg.k_shot, generator, max_query=len(task))
-        inner = torch.func.vmap(lambda d: method.adapt(outer, d))(data)
+        chunk = max(1, 200_000 // len(task))  # episodes adapted at once: bounds the memory on large tasks
+        inner = torch.func.vmap(lambda d: method.adapt(outer, d), chunk_size=chunk)(data)
         model = inner["model"] if isinstance(method.problem, FairMetaProblem) else inner
         bad, _ = indefinite_count(method, outer, data, inner)
         indefinite, checked = indefinite + bad, checked + episodes
