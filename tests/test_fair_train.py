@@ -94,18 +94,20 @@ def test_indefinite_systems_are_warned_about_and_logged(tmp_path, monkeypatch):
     assert [r["indefinite_total"] for r in records] == [2, 4] and records[-1]["min_curvature"] == -1.0
 
 
-def test_cli_writes_results_and_the_tradeoff_plot(tmp_path, shared_data):
+def test_cli_writes_results_and_the_tradeoff_plot(tmp_path, shared_data, capsys):
     out = tmp_path / "run"
     code = main(["fair", "--dataset", "lsac", "--data-dir", str(shared_data), "--steps", "2", "--meta-batch", "2",
-                 "--c", "0.05", "--episodes", "2", "--inner-steps", "30", "--no-progress", "--out", str(out)])
+                 "--c", "0.05", "--episodes", "2", "--inner-steps", "30", "--no-progress", "--out-dir", str(out)])
     assert code == 0
     runs = [json.loads(line)["run"] for line in (out / "results.jsonl").read_text().splitlines()]
     assert runs == ["fair_c0.05", "imaml", "maml", "pdfm_c0.05"]
     png = (out / "tradeoff.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    # resuming a finished comparison reuses every result
+    # resuming a finished comparison reuses every result; --out, the deprecated spelling, still works
+    capsys.readouterr()
     assert main(["fair", "--dataset", "lsac", "--data-dir", str(shared_data), "--steps", "2", "--c", "0.05",
                  "--meta-batch", "2", "--episodes", "2", "--no-progress", "--out", str(out), "--resume"]) == 0
+    assert "--out is deprecated; use --out-dir" in capsys.readouterr().err
     assert len((out / "results.jsonl").read_text().splitlines()) == 4
 
 
@@ -118,13 +120,13 @@ def test_constraint_set_reaches_both_constrained_methods_and_the_cli(tmp_path, s
     out = tmp_path / "run"
     assert main(["fair", "--dataset", "communities", "--data-dir", str(shared_data), "--methods", "fair",
                  "--constraint-set", "task", "--steps", "1", "--meta-batch", "2", "--c", "0.0", "--episodes", "2",
-                 "--inner-steps", "20", "--no-progress", "--out", str(out)]) == 0
+                 "--inner-steps", "20", "--no-progress", "--out-dir", str(out)]) == 0
     config = checkpoint.load(out / "fair_c0.pt")["config"]
     assert config["constraint_set"] == "task"
 
 
 def test_cli_device_errors_name_the_fix(tmp_path, capsys):
-    args = ["fair", "--steps", "1", "--no-progress", "--out", str(tmp_path)]
+    args = ["fair", "--steps", "1", "--no-progress", "--out-dir", str(tmp_path)]
     assert main(args + ["--device", "gpu0"]) == 2
     assert "is not a torch device" in capsys.readouterr().err
     if not torch.cuda.is_available():

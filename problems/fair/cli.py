@@ -2,17 +2,17 @@
 
 Trains every requested method (the constrained ones once per fairness bound
 ``c``, iMAML and MAML once), evaluates each on the meta-test tasks and writes,
-under ``--out``: one JSON-lines log and one checkpoint per run, ``results.jsonl``
+under ``--out-dir``: one JSON-lines log and one checkpoint per run, ``results.jsonl``
 (one evaluation record per run), and ``tradeoff.png`` (accuracy against the
 demographic parity gap, all methods on one figure).
 
 Example::
 
-    bilevel fair --dataset communities --k-shot 10 --c 0.0 0.02 0.05 --steps 200 --out runs/fair_cc
-    bilevel fair --out runs/fair_cc --resume      # continue a stopped comparison, with its settings
+    bilevel fair --dataset communities --k-shot 10 --c 0.0 0.02 0.05 --steps 200 --out-dir runs/fair_cc
+    bilevel fair --out-dir runs/fair_cc --resume      # continue a stopped comparison, with its settings
 
 An output folder that holds a comparison is refused unless --resume continues it
-or --overwrite deletes it. The settings are kept in ``<out>/run.pt``; --resume
+or --overwrite deletes it. The settings are kept in ``<out-dir>/run.pt``; --resume
 restores them, and flags given with it must match, except --device, --data-dir,
 --checkpoint-every and --no-progress. Finished runs are taken from
 ``results.jsonl``, the others continue from their checkpoints. A damaged
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from bilevel.runs import add_run_flags, count, real, track_given
@@ -82,7 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=count(0), default=0)
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--data-dir", default=None, help="data folder (default: $BILEVEL_DATA_DIR or ../shared/data)")
-    p.add_argument("--out", default="runs/fair", help="output folder")
+    p.add_argument("--out-dir", dest="out", default="runs/fair", help="output folder (default runs/fair)")
+    p.add_argument("--out", dest="out", default="runs/fair", help=argparse.SUPPRESS)  # deprecated spelling
     add_run_flags(p, "the checkpoints in --out")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=run)
@@ -99,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     from .plot import tradeoff_plot
     from .train import METHODS, Config, evaluate, run_patterns, train
 
+    if given_flags(args).get("out") == "--out":
+        print("bilevel fair: --out is deprecated; use --out-dir", file=sys.stderr)
     out = Path(args.out)
     settings = settings_of(args)
     if args.resume:  # the comparison's settings, with the flags given on top
