@@ -106,8 +106,9 @@ def api_page(name: str, summary: str) -> str:
 
 
 def drop_type_docstrings(app: Any, what: str, name: str, obj: Any, options: Any, lines: list[str]) -> None:
-    """A constant without a docstring of its own shows its value, not the docstring of its type."""
-    if what == "data" and "\n".join(lines).strip() == inspect.cleandoc(type(obj).__doc__ or "").strip():
+    """A constant or type alias without a doc comment shows its value, not the docstring of its type
+    (which is what its ``__doc__`` holds)."""
+    if what == "data" and "\n".join(lines).strip() == inspect.cleandoc(getattr(obj, "__doc__", None) or "").strip():
         lines.clear()
 
 

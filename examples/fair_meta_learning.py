@@ -10,7 +10,7 @@ its meta-gradient comes from the implicit function theorem with MINRES (the
 saddle-point Jacobian is symmetric indefinite). This follows PDFM (Zhao, Chen,
 Wang & Khan, ICDM 2020), differentiated exactly instead of first-order.
 
-A tiny run: 12 meta-steps per method on the library's data directory
+A tiny run: 10 meta-steps per method on the library's data directory
 (:func:`bilevel.datadir.resolve_data_dir`); ``bilevel fair`` runs the full
 comparison.
 """
@@ -31,9 +31,9 @@ print(f"{len(train_tasks)} meta-train and {len(test_tasks)} meta-test tasks, {ta
 
 # %%
 # Meta-train iMAML (no constraint) and the fair method at two bounds, then score the meta-test tasks.
-runs = {"iMAML": Config(method="imaml", steps=12, meta_batch=4),
-        "fair, c = 0.05": Config(method="fair", c=0.05, steps=12, meta_batch=4),
-        "fair, c = 0": Config(method="fair", c=0.0, steps=12, meta_batch=4)}
+runs = {"iMAML": Config(method="imaml", steps=10, meta_batch=4),
+        "fair, c = 0.05": Config(method="fair", c=0.05, steps=10, meta_batch=4),
+        "fair, c = 0": Config(method="fair", c=0.0, steps=10, meta_batch=4)}
 summaries = {}
 with tempfile.TemporaryDirectory() as folder:
     for name, cfg in runs.items():

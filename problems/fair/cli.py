@@ -82,7 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="share of tasks held out for meta-test")
     p.add_argument("--seed", type=count(0), default=0)
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--data-dir", default=None, help="data folder (default: $BILEVEL_DATA_DIR or ../shared/data)")
+    p.add_argument("--data-dir", default=None, help="data folder (default: $BILEVEL_DATA_DIR, else the nearest "
+                        "shared/data in the current folder or above, else ~/.cache/bilevel/data)")
     p.add_argument("--out-dir", dest="out", default="runs/fair", help="output folder (default runs/fair)")
     p.add_argument("--out", dest="out", default="runs/fair", help=argparse.SUPPRESS)  # deprecated spelling
     add_run_flags(p, "the checkpoints in --out")

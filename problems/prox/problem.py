@@ -141,7 +141,9 @@ class ProxRestoration(BilevelProblem):
         return {"x": x, "z": z, "u": v - z}
 
     def admm_step(self, state: dict[str, Tensor], theta: Theta, y: Tensor) -> dict[str, Tensor]:
-        """One scaled-form ADMM iteration for ``min g(x) + sum_j w_j huber(z_j)`` s.t. ``z_j = d_j * x``::
+        """One scaled-form ADMM iteration for ``min g(x) + sum_j w_j huber(z_j)`` s.t. ``z_j = d_j * x``.
+
+        The updates::
 
             x = (K^T K + beta D^T D)^{-1} (K^T y + beta D^T (z - u))
             z = prox_{(w / beta) huber}(D x + u),   u = u + D x - z
