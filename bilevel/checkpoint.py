@@ -94,9 +94,9 @@ def _intact(path: Path) -> bool:
 
 def _keep_previous(path: Path) -> None:
     """Keep the intact checkpoint at ``path`` as its previous one (a damaged one is not kept)."""
-    if not path.is_file() or not _intact(path):
-        return
     prev = previous_path(path)
+    if not path.is_file() or (prev.is_file() and os.path.samefile(path, prev)) or not _intact(path):
+        return  # nothing to keep, already kept (a save killed before its rename), or damaged
     staged = prev.with_name(f"{prev.name}.{os.getpid()}.tmp")
     staged.unlink(missing_ok=True)
     try:

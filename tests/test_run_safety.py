@@ -139,11 +139,9 @@ def _tensors_equal(a: Any, b: Any) -> bool:
 def _imaml_outcome(out: Path) -> dict:
     final = json.loads((out / "final.json").read_text())
     state = _without(checkpoint.load(out / "checkpoint.pt"), "seconds")
-    for config in (final["config"], state["config"]):
-        config.pop("out_dir")
-    # the health monitor's warnings: its rate limit is not part of the checkpoint (it starts afresh on resume)
-    final["solver_outcomes"].pop("warnings", None)
-    metrics = [_without(r, "seconds", "warnings") for r in read_records(out / "metrics.jsonl")]
+    for config in (final["config"], state["config"], final.get("baseline", {})):
+        config.pop("out_dir", None)  # where the run happened to be
+    metrics = [_without(r, "seconds") for r in read_records(out / "metrics.jsonl")]
     return {"final": final, "metrics": metrics, "state": state}
 
 
@@ -176,8 +174,8 @@ COMMANDS = {
         "imaml",
         lambda out, data: ["imaml", "--steps", "4", "--meta-batch", "2", "--inner-steps", "2", "--inner-optimizer",
                            "gd", "--cg-steps", "2", "--log-every", "1", "--eval-every", "2", "--checkpoint-every", "1",
-                           "--eval-tasks", "2", "--final-tasks", "2", "--seed", "3", "--no-progress",
-                           "--out-dir", str(out)],
+                           "--eval-tasks", "2", "--final-tasks", "2", "--seed", "3", "--baseline", "none",
+                           "--no-progress", "--out-dir", str(out)],
         lambda out: ["imaml", "--out-dir", str(out), "--resume"], "checkpoint.pt", _imaml_outcome),
     "hyperopt": Command(
         "hyperopt",
@@ -190,8 +188,8 @@ COMMANDS = {
         lambda out, data: ["fair", "--dataset", "lsac", "--data-dir", str(data), "--methods", "fair", "pdfm",
                            "--c", "0.05", "--steps", "4", "--checkpoint-every", "2", "--meta-batch", "2",
                            "--episodes", "2", "--test-fraction", "0.1", "--newton-steps", "8", "--seed", "3",
-                           "--no-progress", "--out", str(out)],
-        lambda out: ["fair", "--out", str(out), "--resume"], "run.pt", _fair_outcome),
+                           "--no-progress", "--out-dir", str(out)],
+        lambda out: ["fair", "--out-dir", str(out), "--resume"], "run.pt", _fair_outcome),
 }
 
 
@@ -243,13 +241,13 @@ def _error_line(capsys, name: str) -> str:
 def test_a_finished_run_is_refused_and_overwrite_starts_it_over(name, reference, shared_data, tmp_path, capsys):
     ref = reference(name)
     out = _copy(ref, tmp_path)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     argv = COMMANDS[name].fresh(out, shared_data)
     capsys.readouterr()
     assert main(argv) == 2
     err = _error_line(capsys, name)
     assert f"{out} already holds a run" in err and "--resume" in err and "--overwrite" in err
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing touched
     (out / "notes.txt").write_text("mine")
     (out / COMMANDS[name].checkpoint).write_bytes(b"")  # even a damaged run is overwritten
     assert main([*argv, "--overwrite"]) == 0
@@ -338,9 +336,9 @@ def test_hyperopt_resume_compares_only_the_flags_given(reference, tmp_path, caps
 def test_fair_resume_compares_only_the_flags_given(reference, tmp_path, capsys):
     out = _copy(reference("fair"), tmp_path)
     capsys.readouterr()
-    assert main(["fair", "--out", str(out), "--resume", "--steps", "8"]) == 2  # results so far used 4 steps
+    assert main(["fair", "--out-dir", str(out), "--resume", "--steps", "8"]) == 2  # results so far used 4 steps
     assert "--steps 8 (the run has 4)" in _error_line(capsys, "fair")
-    assert main(["fair", "--out", str(out), "--resume", "--c", "0.05", "--device", "cpu"]) == 0
+    assert main(["fair", "--out-dir", str(out), "--resume", "--c", "0.05", "--device", "cpu"]) == 0
     assert read_records(out / "results.jsonl") == reference("fair").outcome["results"]
 
 
@@ -399,7 +397,7 @@ def test_fair_settings_file_damaged_names_it_and_the_way_out(reference, tmp_path
     out = _copy(reference("fair"), tmp_path)
     _flip(out / "run.pt", random.Random(0))
     capsys.readouterr()
-    assert main(["fair", "--out", str(out), "--resume"]) == 2
+    assert main(["fair", "--out-dir", str(out), "--resume"]) == 2
     err = _error_line(capsys, "fair")
     assert f"checkpoint {out / 'run.pt'} is damaged" in err and "start over with --overwrite" in err
 
@@ -445,6 +443,10 @@ def test_save_keeps_the_previous_checkpoint_unless_it_is_damaged(tmp_path):
     _flip(path, random.Random(1))
     checkpoint.save({"step": 3}, path)  # the damaged step-2 file is not kept as the previous one
     assert checkpoint.load(path)["step"] == 3 and checkpoint.load(prev)["step"] == 1
+    prev.unlink()
+    os.link(path, prev)  # a save killed after keeping the previous checkpoint, before its own rename
+    checkpoint.save({"step": 4}, path)
+    assert checkpoint.load(prev)["step"] == 3 and not list(tmp_path.glob("*.tmp"))
     with pytest.raises(FileNotFoundError, match=r"no previous checkpoint at .*other\.prev\.pt"):
         checkpoint.load_for_resume(tmp_path / "other.pt", "previous")
 
