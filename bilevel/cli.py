@@ -1,4 +1,4 @@
-"""The ``bilevel`` command: ``bilevel {imaml,hyperopt,fair,prox,check} ...``.
+"""The ``bilevel`` command: ``bilevel {imaml,hyperopt,fair,prox,nested,check} ...``.
 
 Each subcommand lives with its problem (``bilevel.problems.<name>.cli``) and
 exposes ``register(subparsers)``, which adds its parser and sets ``func``.
@@ -19,6 +19,7 @@ COMMANDS = {
     "imaml": "bilevel.problems.imaml.cli",
     "hyperopt": "bilevel.problems.hyperparameter.cli",
     "fair": "bilevel.problems.fair.cli",
+    "nested": "bilevel.problems.nested.cli",
     "prox": "bilevel.problems.prox.cli",
     "check": "bilevel.testing.cli",
 }

@@ -1,0 +1,89 @@
+"""``bilevel nested``: NestedMAML and its baselines on sinusoid pools with corrupted training tasks.
+
+Examples::
+
+    bilevel nested --method nested --corrupt 0.5 --seed 0 --out-dir runs/nested/nested-0
+    bilevel nested --method maml --corrupt 0.5 --seed 0 --out-dir runs/nested/maml-0
+    bilevel nested --out-dir runs/nested/nested-0 --resume --steps 2000   # continue, with the run's settings
+
+One run trains one method (maml, imaml, uniform, oracle, lookahead, nested) on one
+pool; benchmarks/nested.py runs them all over seeds. An output folder that holds
+a run is refused unless --resume continues it or --overwrite deletes it; --resume
+restores the run's settings from its checkpoint (flags given with it must match,
+except --steps, --log-every, --checkpoint-every, --device and --threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from bilevel.runs import add_run_flags, count, real, track_given
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``nested`` subcommand."""
+    from .train import METHODS, NestedConfig
+
+    d = NestedConfig()
+    parser = subparsers.add_parser("nested", help="NestedMAML: learn which training tasks to trust",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    track_given(parser)
+    parser.add_argument("--method", choices=METHODS, default=d.method, help="(default: %(default)s)")
+    data = parser.add_argument_group("tasks")
+    data.add_argument("--corrupt", type=real(0, 1, high_open=True), default=d.corrupt,
+                      help="fraction of corrupted training tasks (default: %(default)s)")
+    data.add_argument("--sigma", type=real(0), default=d.sigma, help="noise of a corrupted task (default: %(default)s)")
+    data.add_argument("--train-tasks", type=count(2), default=d.train_tasks, help="training pool size")
+    data.add_argument("--val-tasks", type=count(1), default=d.val_tasks, help="clean validation tasks")
+    data.add_argument("--test-tasks", type=count(2), default=d.test_tasks, help="clean test tasks")
+    data.add_argument("--shots", type=count(1), default=d.shots, help="support points per task (K)")
+    data.add_argument("--queries", type=count(1), default=d.queries, help="query points per task")
+    algo = parser.add_argument_group("algorithm")
+    algo.add_argument("--lam", type=real(0, low_open=True), default=d.lam, help="iMAML's proximal strength")
+    algo.add_argument("--inner-lr", type=real(0, low_open=True), default=d.inner_lr)
+    algo.add_argument("--inner-steps", type=count(1), default=d.inner_steps)
+    algo.add_argument("--cg-steps", type=count(1), default=d.cg_steps, help="CG steps of each task's meta-gradient")
+    algo.add_argument("--mu", type=real(0), default=d.mu, help="L2 strength of the middle level")
+    algo.add_argument("--meta-lr", type=real(0, low_open=True), default=d.meta_lr, help="Adam step on theta")
+    algo.add_argument("--steps", type=count(1), default=d.steps, help="meta-steps (default: %(default)s)")
+    algo.add_argument("--weight-lr", type=real(0, low_open=True), default=d.weight_lr, help="Adam step on u")
+    algo.add_argument("--weight-every", type=count(1), default=d.weight_every, help="theta-steps per u-step")
+    algo.add_argument("--outer-cg-steps", type=count(1), default=d.outer_cg_steps,
+                      help="CG steps of the outer hypergradient's adjoint solve")
+    run = parser.add_argument_group("run")
+    run.add_argument("--seed", type=count(0), default=d.seed, help="seed of the pools and the initialization")
+    run.add_argument("--log-every", type=count(1), default=d.log_every)
+    run.add_argument("--checkpoint-every", type=count(1), default=d.checkpoint_every)
+    run.add_argument("--out-dir", default="runs/nested", help="output folder (default: %(default)s)")
+    add_run_flags(run, "<out-dir>/checkpoint.pt")
+    run.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    run.add_argument("--threads", type=count(1), default=None, help="torch CPU threads")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from bilevel.devices import resolve_device
+    from bilevel.runs import given_flags, restore, settings_of
+
+    from .train import CHECKPOINT, RESUMABLE, NestedConfig, saved_settings, train
+
+    settings = settings_of(args)
+    fields = {f.name for f in dataclasses.fields(NestedConfig)}
+    if args.resume:
+        saved = saved_settings(Path(args.out_dir) / CHECKPOINT, args.resume)
+        settings = restore(saved, settings, given_flags(args), RESUMABLE, args.out_dir)
+    if settings["threads"] is not None:
+        torch.set_num_threads(settings["threads"])
+    config = NestedConfig(**{k: v for k, v in settings.items() if k in fields})
+    final = train(config, args.out_dir, resume=args.resume or False, overwrite=args.overwrite,
+                  device=resolve_device(settings["device"]), progress=settings["progress"])
+    print(json.dumps({k: v for k, v in final.items() if k not in ("weights", "corrupted", "settings")}))
+    return 0

@@ -1,0 +1,76 @@
+"""Sinusoid task pools in which a known fraction of the training tasks is corrupted.
+
+NestedMAML (Killamsetty, Li, Zhao, Chen, Iyer; AAAI 2022) meta-trains on a
+*fixed* pool of ``N`` training tasks, some of them harmful, and learns one
+weight per task from a few clean validation tasks. :class:`CorruptedSinusoid`
+draws such a pool from MAML's sinusoid family (``y = A sin(x - phase)``,
+:class:`~bilevel.problems.imaml.SinusoidTasks`) and corrupts the first
+``round(corrupt * N)`` of its tasks (the order carries no information: the
+weights of all tasks start equal and the learners never see the mask).
+
+A corrupted task is *out of distribution with heavy noise*: its targets are
+``A sin(x - phase) + sigma * eps`` with ``eps ~ N(0, 1)`` drawn independently for
+every support and query point (``sigma = 3`` by default, about the typical
+amplitude). Such a task looks like a sinusoid task with noisy sensors: its
+support set still carries a little signal, but its query loss is dominated by
+noise that no adaptation can predict, so its meta-gradient mostly teaches the
+initialization to adapt less to its support points, which is harmful for the
+clean tasks. Unlike a shift of the amplitude or phase range, which a 1-40-40-1
+network meta-learns as easily as the clean range, it degrades MAML measurably
+(docs/nested.md). Validation and test tasks are always clean.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bilevel.problems.imaml import SinusoidTasks, Task
+
+__all__ = ["CorruptedSinusoid", "TaskPool"]
+
+
+class TaskPool(NamedTuple):
+    """A fixed pool of tasks (batched :class:`~bilevel.problems.imaml.Task`) and which are corrupted."""
+
+    tasks: Task
+    corrupted: Tensor  # bool, (N,)
+
+    def clean(self) -> "TaskPool":
+        """The pool without its corrupted tasks (the oracle's training set)."""
+        keep = ~self.corrupted
+        return TaskPool(Task(*(t[keep] for t in self.tasks)), self.corrupted[keep])
+
+
+class CorruptedSinusoid:
+    """Sinusoid pools with ``shots`` support and ``queries`` query points per task.
+
+    Args:
+        shots, queries: points per task (K = 10 support points in the paper's setting).
+        sigma: standard deviation of the noise added to a corrupted task's targets.
+    """
+
+    def __init__(self, shots: int = 10, queries: int = 10, sigma: float = 3.0):
+        if sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        self.sampler = SinusoidTasks(shots, queries)
+        self.sigma = sigma
+
+    def pool(self, rng: np.random.Generator, size: int, corrupt: float = 0.0,
+             dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> TaskPool:
+        """``size`` tasks, the first ``round(corrupt * size)`` of them corrupted."""
+        if not 0.0 <= corrupt <= 1.0:
+            raise ValueError(f"corrupt must be in [0, 1], got {corrupt}")
+        n_bad = int(round(corrupt * size))
+        tasks = self.sampler.sample(rng, size)
+        noise = rng.standard_normal((n_bad, self.sampler.shots + self.sampler.queries, 1))
+        k = self.sampler.shots
+        support_y, query_y = tasks.support_y.clone(), tasks.query_y.clone()
+        support_y[:n_bad] += torch.as_tensor(self.sigma * noise[:, :k], dtype=support_y.dtype)
+        query_y[:n_bad] += torch.as_tensor(self.sigma * noise[:, k:], dtype=query_y.dtype)
+        tasks = Task(tasks.support_x, support_y, tasks.query_x, query_y)
+        corrupted = torch.arange(size) < n_bad
+        return TaskPool(Task(*(t.to(device=device, dtype=dtype) for t in tasks)), corrupted.to(device))

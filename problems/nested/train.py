@@ -1,0 +1,259 @@
+"""One method of the NestedMAML comparison, trained on one task pool, with checkpoints and exact resume.
+
+Every method meta-trains the sinusoid MLP on the same fixed pool of ``N``
+training tasks (a fraction of them corrupted, :mod:`.tasks`) with full-batch
+Adam steps, and is scored on fresh clean test tasks after adaptation:
+
+``maml``       MAML: reverse mode through the inner steps with ``lam = 0`` (the imaml problem's ``unrolled`` mode)
+``imaml``      iMAML on every task (``meta_gradient`` of :mod:`bilevel.problems.imaml`)
+``uniform``    the nested problem's middle level with fixed weights ``w = 1``
+``oracle``     the same with weight 0 on the corrupted tasks (they are dropped)
+``lookahead``  per-step weights from :func:`~.problem.lookahead_weights` (NestedMAML's released rule)
+``nested``     learned weights ``w = N softmax(u)``: every ``weight_every`` theta-steps one Adam
+               step on ``u`` along the implicit hypergradient ``bilevel.hypergradient(problem, u,
+               data, init=theta)`` (the adjoint solve linearizes the middle level at the current
+               meta-parameters, as alternating implicit-differentiation methods do)
+
+Files in the output folder: ``metrics.jsonl`` (validation loss and the weights'
+AUROC every ``log_every`` steps), ``checkpoint.pt`` (:func:`bilevel.checkpoint.save`:
+atomic, digest-checked, the previous one kept as ``checkpoint.prev.pt``) and
+``final.json`` (test MSE with its 95% interval over test tasks, the AUROC,
+the learned weights, training seconds and peak memory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import bilevel
+from bilevel.checkpoint import file_patterns, load_for_resume
+from bilevel.checkpoint import save as save_checkpoint
+from bilevel.problems.imaml import IMAMLProblem, adapt, meta_gradient, mlp_forward, mlp_init, mse
+from bilevel.problems.imaml.models import Params
+from bilevel.problems.nested.problem import NestedData, NestedMAMLProblem, lookahead_weights, task_weights
+from bilevel.problems.nested.tasks import CorruptedSinusoid, TaskPool
+from bilevel.runs import output_patterns, prepare_output, read_records, write_records, write_text_atomic
+from bilevel.solvers import CG
+
+__all__ = ["CHECKPOINT", "METHODS", "NestedConfig", "RESUMABLE", "RUN_FILES", "auroc", "saved_settings", "train"]
+
+METHODS = ("maml", "imaml", "uniform", "oracle", "lookahead", "nested")
+CHECKPOINT = "checkpoint.pt"
+RUN_FILES = (*file_patterns(CHECKPOINT), *output_patterns("metrics.jsonl", "final.json"))
+RESUMABLE = frozenset({"steps", "log_every", "checkpoint_every"})
+"""Settings a resumed run may change; every other one must match the checkpoint."""
+
+
+@dataclass(frozen=True)
+class NestedConfig:
+    """Settings of one run (the defaults are the documented sinusoid K = 10 setting)."""
+
+    method: str = "nested"
+    corrupt: float = 0.5
+    sigma: float = 3.0
+    train_tasks: int = 40
+    val_tasks: int = 10
+    test_tasks: int = 1000
+    shots: int = 10
+    queries: int = 10
+    lam: float = 1.0
+    inner_lr: float = 0.02
+    inner_steps: int = 20
+    cg_steps: int = 5
+    mu: float = 1e-3
+    meta_lr: float = 1e-3
+    steps: int = 1000
+    weight_lr: float = 0.1
+    weight_every: int = 10
+    outer_cg_steps: int = 10
+    seed: int = 0
+    log_every: int = 100
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not 0.0 <= self.corrupt < 1.0:
+            raise ValueError(f"corrupt must be in [0, 1) so that clean training tasks remain, got {self.corrupt}")
+
+
+def auroc(weights: Tensor, corrupted: Tensor) -> float:
+    """Probability that a clean task weighs more than a corrupted one (ties count 1/2); NaN without both."""
+    clean, bad = weights[~corrupted].double(), weights[corrupted].double()
+    if not len(clean) or not len(bad):
+        return math.nan
+    diff = clean[:, None] - bad[None, :]
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+
+
+def _pools(config: NestedConfig, device: torch.device) -> tuple[TaskPool, NestedData, Any]:
+    family = CorruptedSinusoid(config.shots, config.queries, config.sigma)
+    rng = np.random.default_rng([config.seed, 0])
+    pool = family.pool(rng, config.train_tasks, config.corrupt, device=device)
+    val = family.pool(rng, config.val_tasks, device=device).tasks
+    test = family.pool(np.random.default_rng([config.seed, 1]), config.test_tasks, device=device).tasks
+    return pool, NestedData(pool.tasks, val), test
+
+
+class _Run:
+    """The state of one method's training: meta-parameters, optimizers, task weights."""
+
+    def __init__(self, config: NestedConfig, device: torch.device):
+        self.config = config
+        self.pool, self.data, self.test_tasks = _pools(config, device)
+        self.imaml = IMAMLProblem(mlp_forward, mse, lam=config.lam, inner_lr=config.inner_lr,
+                                  inner_steps=config.inner_steps)
+        self.maml = IMAMLProblem(mlp_forward, mse, lam=0.0, inner_lr=config.inner_lr,
+                                 inner_steps=config.inner_steps)
+        theta = {k: v.to(device) for k, v in mlp_init(generator=torch.Generator().manual_seed(config.seed)).items()}
+        self.problem = NestedMAMLProblem(self.imaml, theta, mu=config.mu, adapt_solver=CG(maxiter=config.cg_steps))
+        self.theta = {k: v.clone().requires_grad_() for k, v in theta.items()}
+        self.opt = torch.optim.Adam(list(self.theta.values()), lr=config.meta_lr)
+        n = config.train_tasks
+        self.u = torch.zeros(n, device=device, requires_grad=True)
+        self.u_opt = torch.optim.Adam([self.u], lr=config.weight_lr)
+        self.weight_sum = torch.zeros(n, device=device)  # lookahead: the per-step weights, summed
+        self.step, self.elapsed = 0, 0.0
+
+    def weights(self) -> Tensor:
+        """The method's task weights: fixed, learned, or the look-ahead rule's average so far."""
+        n, bad = self.config.train_tasks, self.pool.corrupted
+        if self.config.method == "nested":
+            return task_weights(self.u.detach())
+        if self.config.method == "lookahead" and self.step:
+            return self.weight_sum / self.step
+        if self.config.method == "oracle":
+            return (~bad).float() * n / int((~bad).sum())
+        return torch.ones(n, device=bad.device)
+
+    def meta_grad(self, theta: Params) -> Params:
+        method, tasks = self.config.method, self.data.train
+        if method == "maml":
+            return meta_gradient(self.maml, theta, tasks, mode="unrolled").grad
+        if method == "imaml":
+            return meta_gradient(self.imaml, theta, tasks, solver=CG(maxiter=self.config.cg_steps)).grad
+        m = self.problem.task_meta_gradients(theta, tasks)
+        if method == "lookahead":
+            val_grad = torch.func.grad(self.problem.validation_loss)(theta, self.data.val)
+            w = lookahead_weights(m, val_grad)
+            self.weight_sum += w
+        else:
+            w = self.weights()
+        return self.problem.middle_gradient(theta, w, m)
+
+    def train_step(self) -> None:
+        theta = {k: v.detach() for k, v in self.theta.items()}
+        if self.config.method == "nested" and self.step % self.config.weight_every == 0:
+            hyper = bilevel.hypergradient(self.problem, self.u.detach(), self.data, init=theta,
+                                          solver=CG(maxiter=self.config.outer_cg_steps), on_failure="ignore")
+            self.u.grad = hyper.grad
+            self.u_opt.step()
+        grads = self.meta_grad(theta)
+        for k, p in self.theta.items():
+            p.grad = grads[k]
+        self.opt.step()
+        self.step += 1
+
+    def problem_for_eval(self) -> IMAMLProblem:
+        return self.maml if self.config.method == "maml" else self.imaml
+
+    def validation(self) -> dict[str, float]:
+        theta = {k: v.detach() for k, v in self.theta.items()}
+        loss = adapt(self.problem_for_eval(), theta, self.data.val).loss_after.mean()
+        return {"step": self.step, "val_mse": float(loss), "auroc": auroc(self.weights(), self.pool.corrupted),
+                "seconds": self.elapsed}
+
+    def test(self) -> dict[str, Any]:
+        theta = {k: v.detach() for k, v in self.theta.items()}
+        out = adapt(self.problem_for_eval(), theta, self.test_tasks)
+        after = out.loss_after.double()
+        w = self.weights()
+        return {"test_mse": float(after.mean()), "test_mse_ci95": float(1.96 * after.std() / math.sqrt(len(after))),
+                "test_mse_before": float(out.loss_before.mean()), "auroc": auroc(w, self.pool.corrupted),
+                "weights": [round(float(x), 5) for x in w], "corrupted": [bool(b) for b in self.pool.corrupted]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"theta": {k: v.detach() for k, v in self.theta.items()}, "opt": self.opt.state_dict(),
+                "u": self.u.detach(), "u_opt": self.u_opt.state_dict(), "weight_sum": self.weight_sum,
+                "step": self.step, "elapsed": self.elapsed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for k, v in self.theta.items():
+                v.copy_(state["theta"][k])
+            self.u.copy_(state["u"])
+            self.weight_sum.copy_(state["weight_sum"])
+        self.opt.load_state_dict(state["opt"])
+        self.u_opt.load_state_dict(state["u_opt"])
+        self.step, self.elapsed = state["step"], state["elapsed"]
+
+
+def saved_settings(path: str | Path, resume: bool | str = True) -> dict[str, Any]:
+    """The settings of the run whose checkpoint is ``path`` (``resume="previous"``: the previous one)."""
+    return load_for_resume(path, resume, map_location="cpu")["settings"]
+
+
+def _peak_mib(device: torch.device) -> float:
+    """Peak memory: CUDA's allocator peak on a GPU, the process's peak resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(config: NestedConfig, out_dir: str | Path, *, resume: bool | str = False, overwrite: bool = False,
+          device: torch.device | str = "cpu", progress: bool = False) -> dict[str, Any]:
+    """Train ``config.method`` for ``config.steps`` steps (continuing the run in ``out_dir`` with
+    ``resume``) and return the ``final.json`` record."""
+    device = torch.device(device)
+    out = prepare_output(out_dir, RUN_FILES, resume=bool(resume), overwrite=overwrite)
+    ckpt_path, metrics_path = out / CHECKPOINT, out / "metrics.jsonl"
+    settings = dataclasses.asdict(config)
+    run = _Run(config, device)
+    if resume:
+        ckpt = load_for_resume(ckpt_path, resume, map_location=device)
+        changed = sorted(k for k in settings if k not in RESUMABLE and ckpt["settings"].get(k) != settings[k])
+        if changed:
+            raise ValueError(f"cannot resume the run in {out} with other settings: {changed} differ; use the run's "
+                             "values, or start over with --overwrite")
+        run.load_state_dict(ckpt["state"])
+        records = read_records(metrics_path, upto=run.step)
+    else:
+        records = [run.validation()]
+    write_records(metrics_path, records)
+
+    def save() -> None:
+        save_checkpoint({"settings": settings, "state": run.state_dict()}, ckpt_path)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=config.steps, initial=run.step, desc=f"nested {config.method}", disable=not progress)
+    while run.step < config.steps:
+        began = time.perf_counter()
+        run.train_step()
+        run.elapsed += time.perf_counter() - began
+        bar.update(1)
+        if run.step % config.log_every == 0 or run.step == config.steps:
+            records.append(run.validation())
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(records[-1]) + "\n")
+            bar.set_postfix(val=f"{records[-1]['val_mse']:.3f}", auroc=f"{records[-1]['auroc']:.2f}")
+        if run.step % config.checkpoint_every == 0:
+            save()
+    bar.close()
+    save()
+    final = {"method": config.method, "seed": config.seed, "corrupt": config.corrupt, "steps": run.step,
+             "seconds": run.elapsed, "peak_mib": _peak_mib(device), "device": str(device), **run.test(),
+             "settings": settings}
+    write_text_atomic(out / "final.json", json.dumps(final, indent=1) + "\n")
+    return final

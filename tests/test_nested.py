@@ -1,0 +1,119 @@
+"""NestedMAML: the implicit outer hypergradient, the weights, the command and its resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bilevel.cli import main
+from bilevel.problems.imaml import IMAMLProblem, mse
+from bilevel.problems.imaml.models import Params
+from bilevel.problems.nested import (CorruptedSinusoid, NestedData, NestedMAMLProblem, auroc, lookahead_weights,
+                                     task_weights)
+from bilevel.solvers import Direct
+from bilevel.testing import check_hypergradient
+from bilevel.testing.tight import newton_polish
+
+TINY = ["--train-tasks", "4", "--val-tasks", "2", "--test-tasks", "4", "--shots", "3", "--queries", "3",
+        "--inner-steps", "2", "--cg-steps", "2", "--weight-every", "2", "--outer-cg-steps", "2", "--log-every", "2",
+        "--checkpoint-every", "2", "--no-progress"]
+
+
+def _tanh_net(params: Params, x: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(x @ params["w0"].T + params["b0"]) @ params["w1"].T + params["b1"]
+
+
+class _NewtonPolished(NestedMAMLProblem):
+    """The middle level solved to machine precision by Newton's method."""
+
+    def solve_inner(self, u: torch.Tensor, data: NestedData, init: Params) -> Params:
+        return newton_polish(lambda theta: self.optimality(theta, u, data), init, steps=6, tol=1e-12)[0]
+
+
+def test_implicit_outer_hypergradient_matches_finite_differences():
+    g = torch.Generator().manual_seed(0)
+    theta0 = {"w0": torch.randn(3, 1, generator=g), "b0": torch.randn(3, generator=g),
+              "w1": 0.5 * torch.randn(1, 3, generator=g), "b1": torch.zeros(1)}
+    family = CorruptedSinusoid(shots=5, queries=5)
+    rng = np.random.default_rng(0)
+    data = NestedData(family.pool(rng, 3, corrupt=0.34).tasks, family.pool(rng, 2).tasks)
+    # lam = 50 makes 16 inner steps exact to float64 precision, mu = 1 the middle level strongly monotone
+    imaml = IMAMLProblem(_tanh_net, mse, lam=50.0, inner_lr=0.018, inner_steps=16)
+    problem = _NewtonPolished(imaml, theta0, mu=1.0, adapt_solver=Direct(rtol=1e-12), middle_steps=0)
+    u = 0.3 * torch.randn(3, generator=g)
+    report = check_hypergradient(problem, u, data, solver=Direct(rtol=1e-12), rtol=1e-6,
+                                 references=("finite_differences", "direct"))
+    assert report.passed
+    fd = next(c for c in report.comparisons if c.reference == "finite_differences")
+    assert fd.abs_error <= 1e-6 * fd.ref_norm
+    assert report.inner_residual < 1e-8
+
+
+def test_task_weights_are_nonnegative_and_sum_to_n():
+    u = torch.tensor([-80.0, -3.0, 0.0, 5.0, 90.0])
+    w = task_weights(u)
+    assert (w >= 0).all() and torch.isclose(w.sum(), torch.tensor(5.0))
+    assert torch.equal(task_weights(torch.zeros(4)), torch.ones(4))
+
+
+def test_lookahead_weights_clamp_and_normalize():
+    grads = {"a": torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])}
+    w = lookahead_weights(grads, {"a": torch.tensor([2.0, 1.0])})
+    assert torch.allclose(w, torch.tensor([2.0, 1.0, 0.0]))  # scores 2, 1, -2: clamped, scaled to sum 3
+    assert torch.equal(lookahead_weights(grads, {"a": torch.tensor([-1.0, -1.0])}) >= 0, torch.ones(3, dtype=bool))
+    assert torch.allclose(lookahead_weights({"a": -grads["a"].abs()}, {"a": torch.ones(2)}), torch.ones(3))
+
+
+def test_auroc():
+    corrupted = torch.tensor([True, True, False, False])
+    assert auroc(torch.tensor([0.1, 0.2, 0.9, 0.8]), corrupted) == 1.0
+    assert auroc(torch.tensor([0.9, 0.8, 0.1, 0.2]), corrupted) == 0.0
+    assert auroc(torch.ones(4), corrupted) == 0.5
+
+
+def test_pool_corrupts_the_requested_fraction():
+    rng = np.random.default_rng(1)
+    pool = CorruptedSinusoid(sigma=3.0).pool(rng, 10, corrupt=0.5)
+    assert int(pool.corrupted.sum()) == 5 and not pool.clean().corrupted.any()
+    y = pool.tasks.query_y
+    assert y[pool.corrupted].abs().max() > 5.0  # beyond the clean amplitude range
+    assert y[~pool.corrupted].abs().max() <= 5.0
+
+
+def test_command_runs_and_learned_weights_stay_nonnegative(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["nested", "--method", "nested", "--steps", "4", "--weight-lr", "5", "--out-dir", str(out), *TINY]) == 0
+    final = json.loads((out / "final.json").read_text())
+    assert final["steps"] == 4 and np.isfinite(final["test_mse"]) and final["test_mse_ci95"] > 0
+    weights = np.array(final["weights"])
+    assert (weights >= 0).all() and np.isclose(weights.sum(), 4) and not np.allclose(weights, 1)
+    assert 0.0 <= final["auroc"] <= 1.0 and final["corrupted"] == [True, True, False, False]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2, 4]
+    assert main(["nested", "--steps", "4", "--out-dir", str(out), *TINY]) == 2  # the folder holds a run
+    assert "already holds a run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["nested", "lookahead"])
+def test_resume_gives_the_uninterrupted_result(tmp_path, method):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(["nested", "--method", method, "--steps", "6", "--out-dir", str(whole), *TINY]) == 0
+    assert main(["nested", "--method", method, "--steps", "4", "--out-dir", str(split), *TINY]) == 0
+    assert main(["nested", "--steps", "6", "--out-dir", str(split), "--resume", "--no-progress"]) == 0
+    a, b = (json.loads((d / "final.json").read_text()) for d in (whole, split))
+    assert a["steps"] == b["steps"] == 6
+    for key in ("test_mse", "test_mse_before", "weights", "auroc"):
+        assert a[key] == b[key], key
+    strip = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+             for d in (whole, split) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert strip[:4] == strip[4:]
+
+
+def test_resume_refuses_other_settings(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["nested", "--method", "uniform", "--steps", "2", "--out-dir", str(out), *TINY]) == 0
+    assert main(["nested", "--steps", "4", "--corrupt", "0.25", "--out-dir", str(out), "--resume", *TINY]) == 2
+    assert "--corrupt" in capsys.readouterr().err
