@@ -41,7 +41,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import tempfile
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -223,6 +225,15 @@ def print_tables(dataset: str, shot: int, records: list[dict], summary: dict) ->
         print(f"| {key} | {fmt(s, 100)} |")
 
 
+def hardware() -> str:
+    """The CPU model, its core count and torch's version, for the figures' footers."""
+    model = "unknown CPU"
+    if Path("/proc/cpuinfo").exists():
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), model)
+    return f"{model}, {os.cpu_count()} cores, 1 thread, torch {torch.__version__}"
+
+
 def plot(dataset: str, shot: int, records: list[dict], path: Path, command: str) -> None:
     """Mean accuracy against mean hard parity gap over the units, every method; the mixing line."""
     import matplotlib
@@ -255,8 +266,9 @@ def plot(dataset: str, shot: int, records: list[dict], path: Path, command: str)
     ax.set_title(f"{dataset}, {shot}-shot, {len(imaml)} units (seed x split), 95% t-intervals", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.text(0.01, 0.005, command, fontsize=5)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    footer = textwrap.fill(f"{hardware()}; {command}", 200)
+    fig.text(0.01, 0.005, footer, fontsize=4.5, va="bottom")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -286,11 +298,17 @@ def main() -> None:
     parser.add_argument("--out", default="results/fair_protocol.jsonl")
     parser.add_argument("--summary", default="results/fair_protocol_summary.jsonl")
     parser.add_argument("--plot-dir", default="docs/img")
+    parser.add_argument("--from-results", action="store_true",
+                        help="run nothing: print the tables and draw the figures from the records in --out")
     args = parser.parse_args()
     torch.set_num_threads(1)
     command = "python benchmarks/fair_protocol.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-        for k, v in vars(args).items() if v is not None and k not in ("out", "summary", "plot_dir", "data_dir"))
+        for k, v in vars(args).items()
+        if v is not None and k not in ("out", "summary", "plot_dir", "data_dir", "from_results"))
+    if args.from_results:
+        report(args, [json.loads(line) for line in Path(args.out).read_text().splitlines()])
+        return
     for path in (args.out, args.summary):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -319,6 +337,23 @@ def main() -> None:
             if shot == (10 if 10 in args.shots else args.shots[0]):
                 plot(dataset, shot, records, Path(args.plot_dir) / f"fair_{dataset}_protocol.png", command)
     print(f"\ntotal {time.time() - t_start:.0f} s")
+
+
+def report(args: argparse.Namespace, records: list[dict]) -> None:
+    """Tables and figures from stored records (those of ``args.datasets`` and ``args.shots``)."""
+    for dataset in args.datasets:
+        for shot in args.shots:
+            rows = [r for r in records if r["dataset"] == dataset and r["shot"] == shot]
+            if not rows:
+                continue
+            print(f"\n## {dataset}: {rows[0]['tasks']} tasks, {rows[0]['test_tasks']} meta-test tasks per split")
+            print_tables(dataset, shot, rows, summarize(rows))
+            units = sorted({(r["seed"], r["split"]) for r in rows})
+            seeds, splits = sorted({u[0] for u in units}), sorted({u[1] for u in units})
+            command = (f"python benchmarks/fair_protocol.py --datasets {dataset} --shots {shot} "
+                       f"--seeds {' '.join(map(str, seeds))} --splits {' '.join(map(str, splits))} "
+                       f"--steps {args.steps} --episodes {args.episodes} --c {' '.join(map(str, args.c))}")
+            plot(dataset, shot, rows, Path(args.plot_dir) / f"fair_{dataset}_protocol.png", command)
 
 
 if __name__ == "__main__":
