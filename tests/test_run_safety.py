@@ -415,8 +415,10 @@ def test_killed_at_a_random_moment_resume_ends_as_an_uninterrupted_run(name, poi
     rng = random.Random(f"kill-{name}-{point}")
     out = tmp_path / "run"
     timer = point == KILL_POINTS - 1 and KILL_POINTS > 1  # the last point of each command: after a delay
+    slices = max(1, KILL_POINTS - 1)  # the other points: one operation drawn in each slice of the run
+    first, last = 1 + ref.operations * point // slices, max(1, ref.operations * (point + 1) // slices)
     value = (f"{rng.uniform(0, ref.seconds):.3f}" if timer
-             else f"{rng.randint(1, ref.operations)}:{rng.uniform(0, 1):.3f}")
+             else f"{rng.randint(first, max(first, last))}:{rng.uniform(0, 1):.3f}")
     env = {**os.environ, "BILEVEL_TEST_THREADS": str(torch.get_num_threads()), "PYTHONWARNINGS": "ignore"}
     killed = subprocess.run([sys.executable, __file__, "timer" if timer else "event", value, str(out),
                              *command.fresh(out, shared_data)], env=env, capture_output=True, text=True)
@@ -425,6 +427,8 @@ def test_killed_at_a_random_moment_resume_ends_as_an_uninterrupted_run(name, poi
     else:
         assert killed.returncode in (0, -signal.SIGKILL), killed.stderr[-2000:]
     resumable = (out / command.checkpoint).exists()
+    print(f"{name}: killed {'after' if timer else 'at operation'} {value} (exit {killed.returncode}), "
+          f"{'resumed' if resumable else 'started again'}")  # shown with pytest -rP
     assert main(command.resume(out) if resumable else command.fresh(out, shared_data)) == 0
     assert _tensors_equal(command.outcome(out), ref.outcome)
     assert not list(out.glob("*.tmp"))
