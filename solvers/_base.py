@@ -332,12 +332,15 @@ def asymmetric(u: Tensor, Au: Tensor, v: Tensor, Av: Tensor) -> Tensor:
     """Per system: ``|<u, A v> - <A u, v>|`` beyond rounding, relative to ``|u||Av| + |Au||v|``.
 
     A free symmetry probe on two vectors a Krylov solver has already applied the
-    operator to; the threshold ``sqrt(eps)`` leaves room for Hessian-vector products
-    computed by automatic differentiation, symmetric only up to rounding.
+    operator to. The threshold ``eps ** 0.25`` (1.9e-2 in float32, 1.2e-4 in float64)
+    leaves room for Hessian-vector products computed by automatic differentiation,
+    symmetric only up to rounding: a float32 MLP's measured up to 1.8e-3 here. A
+    milder asymmetry goes unnamed but not unreported: if it spoils the solve, the
+    true residual says so.
     """
     gap = (dot(u, Av) - dot(Au, v)).abs()
     scale = norm(u) * norm(Av) + norm(Au) * norm(v)
-    return gap > math.sqrt(machine_eps(u.dtype)) * scale
+    return gap > machine_eps(u.dtype) ** 0.25 * scale
 
 
 def mark(status: Tensor, mask: Tensor, code: Status) -> Tensor:

@@ -55,7 +55,9 @@ def test_ours_matches_converged_reference_when_inner_and_cg_converge(impl, tmp_p
     converged, info = refs.converged("sinusoid", 2)
     assert info["inner_grad_norm"] < 1e-6 and info["cg_rel_residual"] < 1e-8
     assert np.linalg.norm(grad - converged) / np.linalg.norm(converged) < 1e-4
-    assert set(row["solve_status"]) <= {"CONVERGED", "MAX_ITERATIONS"}  # positive definite: no breakdown
+    # Positive definite: no breakdown. With rtol=0 only an exactly zero residual converges; the
+    # float32 recurrence can reach it where the true residual cannot (INACCURATE).
+    assert set(row["solve_status"]) <= {"CONVERGED", "MAX_ITERATIONS", "INACCURATE"}
     same_k = refs.same_k("implicit", "sinusoid", 2, 300, 30)
     assert np.linalg.norm(grad - same_k) / np.linalg.norm(same_k) < 1e-4
 
