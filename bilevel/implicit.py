@@ -191,7 +191,8 @@ def implicit_root(
             residual ``||G(phi, *args)|| > residual_tol`` (checked when differentiating,
             outside vmap). NaN/Inf always raises. The last solve's diagnostics
             are kept in ``decorated.last_solve`` (outside torch.func transforms);
-            ``decorated.optimality`` and ``decorated.solver`` are the arguments given here.
+            ``decorated.optimality``, ``decorated.solver`` and ``decorated.has_aux`` are
+            the arguments given here.
         residual_tol: tolerance on the optimality residual; ``None`` disables the check.
 
     Example::
@@ -246,6 +247,7 @@ def implicit_root(
 
         decorated.optimality = optimality  # type: ignore[attr-defined]
         decorated.solver = solver  # type: ignore[attr-defined]
+        decorated.has_aux = has_aux  # type: ignore[attr-defined]
         decorated.last_solve = None  # type: ignore[attr-defined]
         return decorated
 

@@ -282,3 +282,16 @@ def test_initial_inner_is_optional_for_a_closed_form_solve_inner():
     for mode in ("unrolled", "first_order"):
         with pytest.raises(bilevel.BilevelError, match="initial_inner"):
             bilevel.hypergradient(ClosedFormRidge(), lam, (X, y), mode=mode)
+
+
+def test_check_hypergradient_accepts_a_has_aux_function():
+    from bilevel.testing import check_hypergradient
+
+    X, y, lam = ridge_parts(3, 10, 6)
+
+    @bilevel.implicit_root(torch.func.grad(inner_loss), solver=solvers.CG(rtol=1e-12), has_aux=True)
+    def ridge(lam, X, y):
+        return exact_ridge(lam, X, y), {"note": "closed form"}
+
+    report = check_hypergradient(ridge, lam, (X, y), outer_loss=lambda w, lam, X, y: w.pow(2).sum())
+    assert report.passed, report

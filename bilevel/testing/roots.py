@@ -33,8 +33,9 @@ def call_args(data: Any) -> tuple[Any, ...]:
 class RootFunction(BilevelProblem):
     """Bilevel problem whose inner solver is an ``implicit_root``-decorated ``fn``.
 
-    ``solve_inner`` runs the undecorated solver (``fn.__wrapped__``); ``optimality``
-    is the condition passed here (or ``fn.optimality`` when the decorator exposes it).
+    ``solve_inner`` runs the undecorated solver (``fn.__wrapped__``, keeping the
+    solution of a ``has_aux=True`` function); ``optimality`` is the condition passed
+    here (or ``fn.optimality`` when the decorator exposes it).
     """
 
     def __init__(self, fn: Callable[..., PyTree], outer_loss: Callable[..., Tensor],
@@ -58,7 +59,10 @@ class RootFunction(BilevelProblem):
 
     def solve_inner(self, outer: PyTree, data: Any, init: PyTree) -> PyTree:
         with torch.no_grad():
-            return tree_map(torch.Tensor.detach, self.solve(outer, *call_args(data)))
+            out = self.solve(outer, *call_args(data))
+        if getattr(self.fn, "has_aux", False):  # (solution, aux): the aux takes no part
+            out = out[0]
+        return tree_map(torch.Tensor.detach, out)
 
     def initial_inner(self, outer: PyTree, data: Any) -> PyTree:
         return self.solve_inner(outer, data, None)
