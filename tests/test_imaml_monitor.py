@@ -89,7 +89,8 @@ def test_summarize_adds_up_the_logged_windows():
     summary = summarize(records)
     assert summary["adjoint"] == {"solves": 20, "status": {"converged": 9, "max_iterations": 11,
                                                            "negative_curvature": 0},
-                                  "converged": 9, "converged_fraction": 0.45, "mean_iterations": 7.5}
+                                  "converged": 9, "converged_fraction": 0.45, "mean_iterations": 7.5,
+                                  "indefinite": 0}
     assert summary["inner"] == {"mean_residual": 1.0} and summary["warnings"] == 1
     assert summarize([{"step": 1, "query_loss": 1.0}]) == {"warnings": 0}
 

@@ -170,3 +170,88 @@ def test_last_step_prox_schedule_is_plain_descent_then_one_proximal_step():
     assert moved_last > moved_every  # the pull towards theta acts once instead of at every step
     with pytest.raises(ValueError, match="prox_schedule must be one of"):
         IMAMLProblem(mlp_forward, mse, prox_schedule="sometimes")
+
+
+def test_armijo_inner_solver_never_increases_the_objective_where_fixed_steps_diverge():
+    """A step of 0.5 makes plain gradient descent blow up on a large-amplitude task; the
+    backtracking solver starts from the same step, keeps F decreasing and ends finite."""
+    theta = small_mlp(hidden=20)
+    task = Task(*(t * s for t, s in zip(sinusoid_tasks(1).index(0), (1.0, 5.0, 1.0, 5.0))))
+    base = dict(lam=1.0, inner_lr=0.5)
+    gd = IMAMLProblem(mlp_forward, mse, inner_steps=30, **base)
+    assert not float(gd.inner_objective(gd.solve_inner(theta, task, theta), theta, task)) < 1e6  # diverged
+    values = [float(gd.inner_objective(theta, theta, task))]
+    for k in (1, 5, 30):
+        armijo = IMAMLProblem(mlp_forward, mse, inner_steps=k, inner_optimizer="armijo", **base)
+        values.append(float(armijo.inner_objective(armijo.solve_inner(theta, task, theta), theta, task)))
+    assert values == sorted(values, reverse=True) and values[-1] < 0.5 * values[0]
+
+
+def test_armijo_steps_are_per_task_under_vmap_and_a_solved_task_stays_put():
+    problem = IMAMLProblem(mlp_forward, mse, lam=1.0, inner_lr=0.05, inner_steps=8, inner_optimizer="armijo")
+    theta, tasks = small_mlp(hidden=10), sinusoid_tasks(3)
+    batched = torch.func.vmap(lambda t: problem.solve_inner(theta, t, theta))(tasks)
+    for i in range(3):
+        alone = problem.solve_inner(theta, tasks.index(i), theta)
+        torch.testing.assert_close({k: v[i] for k, v in batched.items()}, alone)
+    solved = IMAMLProblem(mlp_forward, mse, lam=1.0, inner_lr=0.05, inner_steps=8, inner_optimizer="armijo",
+                          inner_tol=1e9)
+    torch.testing.assert_close(solved.solve_inner(theta, tasks.index(0), theta), theta)
+    with pytest.raises(ValueError, match="need 0 < shrink < 1"):
+        from bilevel.problems.imaml.inner import armijo_descent
+        armijo_descent(lambda p: p["w"].sum(), {"w": torch.ones(2)}, 1, 0.1, shrink=1.5)
+
+
+def test_meta_gradient_reports_the_true_adjoint_and_inner_residuals():
+    problem = IMAMLProblem(mlp_forward, mse, lam=2.0, inner_lr=0.05, inner_steps=10, inner_optimizer="armijo")
+    theta, tasks = small_mlp(), sinusoid_tasks(2)
+    solver = bilevel.solvers.MINRES(maxiter=3, rtol=1e-12)
+    mg = meta_gradient(problem, theta, tasks, solver=solver)
+    for i in range(2):
+        task = tasks.index(i)
+        result = bilevel.hypergradient(problem, theta, task, solver=solver, on_failure="ignore")
+        phi_vec, unravel = bilevel.ravel(result.inner)
+        a = torch.func.hessian(lambda v: problem.inner_objective(unravel(v), theta, task))(phi_vec)
+        b = torch.func.grad(lambda v: problem.query_loss(unravel(v), task))(phi_vec)
+        expected = (b - a @ result.solve.x).norm() / b.norm()
+        torch.testing.assert_close(mg.adjoint_residual[i], expected)
+        grad_f = torch.func.grad(lambda v: problem.inner_objective(unravel(v), theta, task))(phi_vec)
+        torch.testing.assert_close(mg.inner_residual[i], grad_f.norm())
+    assert int(mg.converged(1.0)) == 2 and int(mg.converged(1e-12)) == int(mg.count(Status.CONVERGED)) == 0
+    assert meta_gradient(problem, theta, tasks, mode="first_order").adjoint_residual is None
+
+
+def test_balanced_groups_score_queries_with_batch_norm_statistics_of_support_shaped_batches():
+    from bilevel.problems.imaml.problem import balanced_groups
+
+    ways, shots, queries = 3, 1, 2
+    theta = {k: v.double() for k, v in conv4_init(ways, channels=4, generator=torch.Generator().manual_seed(0)).items()}
+    x = torch.rand(ways * queries, 1, 28, 28, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grouped = balanced_groups(conv4_forward, ways, shots)(theta, x)
+    for g in range(queries):  # group g: query g of every class (class-major layout: index c * queries + g)
+        rows = [c * queries + g for c in range(ways)]
+        torch.testing.assert_close(grouped[rows], conv4_forward(theta, x[rows]))
+    assert not torch.allclose(grouped, conv4_forward(theta, x))  # statistics of all 6 queries differ
+    torch.testing.assert_close(balanced_groups(conv4_forward, ways, queries)(theta, x), conv4_forward(theta, x))
+    with pytest.raises(ValueError, match="do not split into groups of 2 per class of 3"):
+        balanced_groups(conv4_forward, ways, 2)(theta, x[:3])
+
+
+def test_indefinite_systems_are_proven_for_minres_too_and_never_claimed_for_definite_ones():
+    """v^T b + |v| |b - A v| < 0 proves v^T A v < 0: every task flagged has a negative eigenvalue."""
+    problem = IMAMLProblem(mlp_forward, mse, lam=0.05, inner_lr=0.01, inner_steps=2)
+    theta, tasks = small_mlp(hidden=20), sinusoid_tasks(8)
+    phi_vec, unravel = bilevel.ravel(theta)
+    flagged = []
+    for solver in (bilevel.solvers.MINRES(maxiter=30), CG(maxiter=5)):
+        mg = meta_gradient(problem, theta, tasks, solver=solver)
+        flagged.append(mg.indefinite.tolist())
+        for i in np.flatnonzero(mg.indefinite.numpy()):
+            task = tasks.index(int(i))
+            inner = problem.solve_inner(theta, task, theta)
+            hessian = torch.func.hessian(lambda v: problem.inner_objective(unravel(v), theta, task))(
+                bilevel.ravel(inner)[0])
+            assert float(torch.linalg.eigvalsh(hessian)[0]) < 0
+    assert any(flagged[1])  # CG meets negative curvature; MINRES solves through it, flagged only when v^T b < 0
+    definite = IMAMLProblem(mlp_forward, mse, lam=50.0, inner_lr=0.01, inner_steps=2)
+    assert not meta_gradient(definite, theta, tasks, solver=bilevel.solvers.MINRES(maxiter=30)).indefinite.any()

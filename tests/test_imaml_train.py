@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bilevel.problems.imaml import cli
-from bilevel.problems.imaml.config import Config
+from bilevel.problems.imaml.config import SINUSOID, Config
 from bilevel.problems.imaml.train import CHECKPOINT, METRICS, load_checkpoint, train
 
 TINY = dict(meta_batch=4, inner_steps=3, log_every=2, eval_every=4, checkpoint_every=2, eval_tasks=8,
@@ -69,8 +69,8 @@ def test_evaluation_can_adapt_with_another_proximal_strength(tmp_path):
     from bilevel.problems.imaml.experiment import build
 
     exp = build(Config(eval_lam=0.0).resolved())
-    assert exp.problem.lam == 1.0 and exp.eval_problem.lam == 0.0
-    assert build(Config().resolved()).eval_problem.lam == 1.0
+    assert exp.problem.lam == SINUSOID["lam"] and exp.eval_problem.lam == 0.0
+    assert build(Config().resolved()).eval_problem.lam == SINUSOID["lam"]
     plain = train(Config(steps=2, eval_lam=0.0, out_dir=str(tmp_path / "plain"), **TINY))["test"]
     prox = train(Config(steps=2, out_dir=str(tmp_path / "prox"), **TINY))["test"]
     assert plain["loss_before"] == prox["loss_before"] and plain["loss_after"] != prox["loss_after"]

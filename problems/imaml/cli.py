@@ -23,7 +23,8 @@ __all__ = ["register", "run"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from bilevel.problems.imaml.config import BASELINES, DATASETS, INNER_OPTIMIZERS, MODES, SOLVERS, SPLITS, Config
+    from bilevel.problems.imaml.config import (BASELINES, DATASETS, EVAL_BN, INNER_OPTIMIZERS, LR_SCHEDULES, MODES,
+                                               SOLVERS, SPLITS, VARIANTS, Config)
     from bilevel.runs import add_run_flags, count, real, track_given
 
     defaults = Config()
@@ -50,7 +51,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the adjoint solve converges when ||b - A v|| <= rtol ||b|| (default 1e-2 sinusoid, "
                         "the solver's 1e-5 on Omniglot)")
     p.add_argument("--damping", type=real(0), default=defaults.damping,
-                   help="add damping * I to H + lam I in the adjoint solve (default 0)")
+                   help="add damping * I to H + lam I in the adjoint solve (default: 22 with --variant reference, "
+                        "else 0)")
+    p.add_argument("--variant", choices=sorted(VARIANTS),
+                   help="reference: the paper's reference code (plain inner steps and one closing proximal step, "
+                        "the adjoint system damped by 22), the Omniglot default, which trains; formula: the "
+                        "proximal term in every inner step, undamped (the sinusoid default)")
     p.add_argument("--lam", type=real(0), help="proximal strength (default 2 on Omniglot, 1 on sinusoid; "
                                              "0 for unrolled/first_order)")
     p.add_argument("--inner-lr", type=real(0, low_open=True),
@@ -65,14 +71,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="armijo: a task whose inner gradient norm is at most this stops moving "
                         "(default 1e-3 sinusoid)")
     p.add_argument("--prox-schedule", choices=("every_step", "last_step"), default=defaults.prox_schedule,
-                   help="proximal term in every inner step (the formula, default) or one proximal step after "
-                        "plain steps on the support loss (the paper's reference code)")
+                   help="proximal term in every inner step (the formula) or one proximal step after plain steps "
+                        "on the support loss (the paper's reference code); default: --variant's")
     p.add_argument("--meta-batch", type=count(1), help="tasks per meta-step (default 32 Omniglot, 25 sinusoid)")
     p.add_argument("--chunk-size", type=count(1),
                    help="tasks batched per vmap call (default: the whole meta-batch); smaller chunks hold "
                         "fewer tasks' activations at once, 1 is a loop over tasks")
     p.add_argument("--meta-lr", type=real(0, low_open=True), default=defaults.meta_lr,
                    help="Adam step (default 1e-3)")
+    p.add_argument("--adam-eps", type=real(0, low_open=True), default=defaults.adam_eps,
+                   help="Adam's epsilon (default 1e-8; the paper's reference code uses 1e-3)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=defaults.lr_schedule,
+                   help="constant (default) or cosine: --meta-lr decayed to 0 over --steps")
     p.add_argument("--steps", type=count(1), help="meta-steps (default 1000 sinusoid, 30000 Omniglot)")
     p.add_argument("--max-minutes", type=real(0, low_open=True),
                    help="stop meta-training after this wall-clock time (checkpointed, then the final evaluation)")
@@ -86,6 +96,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-lam", type=real(0),
                    help="proximal strength of the adaptation at evaluation (default: --lam; 0 adapts by plain "
                         "inner steps, as the paper's reference code does at test time)")
+    p.add_argument("--eval-queries", type=count(1),
+                   help="queries per class in evaluation tasks (default --queries; the reference code tests with 1)")
+    p.add_argument("--eval-bn", choices=EVAL_BN,
+                   help="balanced: score evaluation queries in groups of --shots per class, so that batch norm "
+                        "sees batches like the support set (Omniglot default); queries: all queries at once")
+    p.add_argument("--eval-rotations", action="store_true",
+                   help="evaluation tasks also draw rotated test classes (90, 180, 270 degrees), as the reference "
+                        "code does")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each meta-gradient as one captured CUDA graph (faster on small networks)")
     p.add_argument("--out-dir", default=defaults.out_dir, help="metrics, checkpoint and plots (default runs/imaml)")

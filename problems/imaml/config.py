@@ -13,24 +13,31 @@ from bilevel.devices import resolve_device
 from bilevel.problems.imaml.omniglot import SPLITS
 from bilevel.solvers import SOLVERS
 
-__all__ = ["Config", "DATASETS", "MODES", "SOLVERS", "SPLITS", "RESUMABLE", "BASELINES", "INNER_OPTIMIZERS"]
+__all__ = ["Config", "DATASETS", "MODES", "SOLVERS", "SPLITS", "RESUMABLE", "BASELINES", "INNER_OPTIMIZERS", "VARIANTS",
+           "EVAL_BN", "LR_SCHEDULES"]
 
 DATASETS = ("sinusoid", "omniglot")
 MODES = ("implicit", "unrolled", "first_order")
 # Settings that may change when a run is resumed; everything else must match the checkpoint.
 RESUMABLE = ("steps", "max_minutes", "cuda_graph", "chunk_size", "eval_lam", "device", "data_dir", "cache_dir",
-             "out_dir", "progress", "spike_factor", "baseline")
+             "out_dir", "progress", "spike_factor", "baseline", "eval_queries", "eval_bn", "eval_rotations")
 BASELINES = ("maml", "none")
+# Omniglot's presets: the paper's reference code (aravindr93/imaml_dev: plain inner steps then one
+# proximal step, its CG system damped by about 22 in --damping units), which trains, and the formula.
+VARIANTS = {"reference": dict(prox_schedule="last_step", damping=22.0),
+            "formula": dict(prox_schedule="every_step", damping=0.0)}
+EVAL_BN = ("balanced", "queries")
+LR_SCHEDULES = ("constant", "cosine")
 # The sinusoid main job's iMAML settings, chosen by benchmarks/imaml_sweep.py (docs/imaml.md,
 # "Choosing the main job's settings").
-SINUSOID = dict(lam=1.0, inner_steps=20, inner_optimizer="armijo", inner_tol=1e-3, solver="minres", cg_steps=20,
+SINUSOID = dict(lam=3.0, inner_steps=20, inner_optimizer="armijo", inner_tol=1e-3, solver="minres", cg_steps=20,
                 solver_rtol=1e-2, steps=1000)
 INNER_OPTIMIZERS = ("gd", "nesterov", "armijo")
 
 # Counts that make sense only from 1 up (a None field takes its default, which is valid;
 # chunk_size None batches the whole meta-batch).
 _POSITIVE_COUNTS = ("ways", "channels", "shots", "queries", "cg_steps", "inner_steps", "meta_batch", "chunk_size",
-                    "log_every", "eval_every", "eval_tasks", "final_tasks", "checkpoint_every")
+                    "log_every", "eval_every", "eval_tasks", "final_tasks", "checkpoint_every", "eval_queries")
 
 
 @dataclass
@@ -65,14 +72,20 @@ class Config:
     solver: str | None = None
     cg_steps: int | None = None
     solver_rtol: float | None = None
-    damping: float = 0.0
+    damping: float | None = None
+    variant: str | None = None
     lam: float | None = None
     inner_lr: float | None = None
     inner_steps: int | None = None
     inner_optimizer: str | None = None
     inner_tol: float | None = None
-    prox_schedule: str = "every_step"
+    prox_schedule: str | None = None
     eval_lam: float | None = None
+    eval_queries: int | None = None
+    eval_bn: str | None = None
+    eval_rotations: bool = False
+    adam_eps: float = 1e-8
+    lr_schedule: str = "constant"
     meta_batch: int | None = None
     chunk_size: int | None = None
     meta_lr: float = 1e-3
@@ -121,8 +134,14 @@ class Config:
             raise ValueError(f"an Omniglot task needs ways >= 2 classes, got {self.ways}")
         if not self.meta_lr > 0:
             raise ValueError(f"meta_lr must be positive, got {self.meta_lr}")
-        if not self.damping >= 0:
+        if self.damping is not None and not self.damping >= 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
+        for name, value, allowed in (("variant", self.variant, VARIANTS), ("eval_bn", self.eval_bn, EVAL_BN),
+                                     ("lr_schedule", self.lr_schedule, LR_SCHEDULES)):
+            if value is not None and value not in allowed:
+                raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+        if not self.adam_eps > 0:
+            raise ValueError(f"adam_eps must be positive, got {self.adam_eps}")
         if self.inner_optimizer is not None and self.inner_optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {self.inner_optimizer!r}")
         if self.baseline is not None and self.baseline not in BASELINES:
@@ -151,8 +170,16 @@ class Config:
             meta_batch=32 if omniglot else 25,
             steps=30000 if omniglot else SINUSOID["steps"],
             baseline="maml" if sinusoid and implicit else "none",
+            eval_bn="balanced" if omniglot else "queries",
         )
         filled = {k: v if getattr(self, k) is None else getattr(self, k) for k, v in defaults.items()}
+        preset = VARIANTS[self.variant or ("reference" if omniglot else "formula")]
+        filled["prox_schedule"] = self.prox_schedule or preset["prox_schedule"]
+        filled["damping"] = self.damping if self.damping is not None else preset["damping"] if implicit else 0.0
+        filled["eval_queries"] = self.eval_queries or filled["queries"]
+        if omniglot and filled["eval_bn"] == "balanced" and filled["eval_queries"] % filled["shots"]:
+            raise ValueError(f"eval_bn='balanced' scores the queries in groups of shots={filled['shots']} per "
+                             f"class: eval_queries ({filled['eval_queries']}) must be a multiple of it")
         return dataclasses.replace(self, **filled)
 
     def to_dict(self) -> dict[str, Any]:

@@ -74,6 +74,8 @@ def report(final: dict[str, Any]) -> str:
     files = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.endswith(".tmp"))
     lines = [f"{_method(config)} on {config.dataset}, {final['meta_steps']} meta-steps. Files in {out}: "
              f"{', '.join(files)}"]
+    if "protocol" in test:
+        lines.append(f"protocol: {test['protocol']}")
     if "acc_after" in test:
         lines += [f"held-out accuracy on {test['tasks']} tasks (%, 95% interval):",
                   f"  after adaptation      {_interval(test, 'acc_after', 100, 1)}",
@@ -99,7 +101,8 @@ def report(final: dict[str, Any]) -> str:
         lines.append(f"adjoint solves ({config.solver}, at most {config.cg_steps} iterations, {tol} on the true "
                      f"residual): {adjoint['converged']} of {adjoint['solves']} converged "
                      f"({100 * adjoint['converged_fraction']:.1f}%), {adjoint['mean_iterations']:.1f} iterations "
-                     f"on average; statuses of the rest: {failed}")
+                     f"on average; statuses of the rest: {failed}; proven indefinite (H + lam I has a "
+                     f"negative eigenvalue): {adjoint['indefinite']}")
     if "inner" in outcomes:
         lines.append(f"inner solves ({config.inner_optimizer}, {config.inner_steps} steps): mean residual "
                      f"||grad of the inner objective|| {outcomes['inner']['mean_residual']:.3g}")

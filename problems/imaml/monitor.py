@@ -118,12 +118,12 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """The solver outcomes of a run from its ``metrics.jsonl`` records.
 
     ``adjoint``: counts by status, ``converged`` (true relative residual within the
-    solver's ``rtol``), its fraction and the mean iterations per solve (implicit
-    mode only). ``inner``: the mean inner residual ``||G(phi)||`` over the logged
+    solver's ``rtol``), its fraction, the mean iterations per solve, and the
+    systems proven ``indefinite`` (implicit mode only). ``inner``: the mean inner residual ``||G(phi)||`` over the logged
     windows. ``warnings``: how many health warnings the run logged.
     """
     counts: dict[str, int] = {}
-    converged = total = 0
+    converged = total = indefinite = 0
     iterations = inner = 0.0
     windows = warned = 0
     for record in records:
@@ -137,6 +137,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
         for name, c in record["solve_status"].items():
             counts[name] = counts.get(name, 0) + c
         converged += record["adjoint_converged"]
+        indefinite += record.get("adjoint_indefinite", 0)
         iterations += record["solve_iterations"] * n
         total += n
     out: dict[str, Any] = {"warnings": warned}
@@ -144,5 +145,6 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
         out["inner"] = {"mean_residual": inner / windows}
     if total:
         out["adjoint"] = {"solves": total, "status": counts, "converged": converged,
-                          "converged_fraction": converged / total, "mean_iterations": iterations / total}
+                          "converged_fraction": converged / total, "mean_iterations": iterations / total,
+                          "indefinite": indefinite}
     return out

@@ -31,8 +31,8 @@ from bilevel.problems.imaml.models import Params
 from bilevel.problems.imaml.tasks import Task
 from bilevel.solvers import CG, LinearSolver, Status
 
-__all__ = ["IMAMLProblem", "MetaGradient", "Adaptation", "meta_gradient", "adapt", "cross_entropy", "mse",
-           "INNER_OPTIMIZERS", "PROX_SCHEDULES"]
+__all__ = ["IMAMLProblem", "MetaGradient", "Adaptation", "meta_gradient", "adapt", "balanced_groups", "cross_entropy",
+           "mse", "INNER_OPTIMIZERS", "PROX_SCHEDULES"]
 
 Forward = Callable[[Params, Tensor], Tensor]
 Loss = Callable[[Tensor, Tensor], Tensor]
@@ -150,7 +150,10 @@ class MetaGradient(NamedTuple):
     and iteration count per task, and ``adjoint_residual``, its true relative
     residual ``||b - A v|| / ||b||`` (``A = H + (lam + damping) I``,
     ``b = grad L_test(phi_i)``) recomputed from the returned ``v``, whatever the
-    solver's recurrence claimed.
+    solver's recurrence claimed; and ``indefinite``, True where the solve proves
+    ``A`` indefinite: CG met ``p^T A p <= 0``, or ``v^T b + ||v|| ||b - A v|| < 0``,
+    which implies ``v^T A v = v^T b - v^T (b - A v) < 0`` (free for any solver,
+    MINRES included; a lower bound on the indefinite systems, not a count of all).
     """
 
     grad: Params
@@ -159,6 +162,7 @@ class MetaGradient(NamedTuple):
     iterations: Tensor | None
     inner_residual: Tensor | None = None
     adjoint_residual: Tensor | None = None
+    indefinite: Tensor | None = None
 
     def count(self, status: Status) -> Tensor:
         """Number of tasks whose adjoint solve ended with ``status`` (a tensor: no host sync)."""
@@ -201,15 +205,17 @@ def meta_gradient(problem: IMAMLProblem, theta: Params, tasks: Task, *,
         result = bilevel.hypergradient(problem, theta, task, mode=mode, on_failure="ignore", **kwargs)
         if not implicit:
             return result.grad, result.outer_loss, result.inner_residual
-        b = torch.sqrt(sum((g * g).sum() for g in query_grad(result.inner, task).values()))
-        relative = result.solve.residual_norm / torch.clamp(b, min=torch.finfo(b.dtype).tiny)
+        b, _ = bilevel.ravel(query_grad(result.inner, task))
+        v, residual = result.solve.x, result.solve.residual_norm
+        relative = residual / torch.clamp(b.norm(), min=torch.finfo(b.dtype).tiny)
+        indefinite = ((v * b).sum() + v.norm() * residual < 0) | (result.solve.status == int(Status.NEGATIVE_CURVATURE))
         return (result.grad, result.outer_loss, result.inner_residual, result.solve.status,
-                result.solve.iterations, relative)
+                result.solve.iterations, relative, indefinite)
 
     out = torch.func.vmap(one, chunk_size=chunk_size)(tasks)
     grad = {k: g.mean(0) for k, g in out[0].items()}
     if implicit:
-        return MetaGradient(grad, out[1], out[3], out[4], out[2], out[5])
+        return MetaGradient(grad, out[1], out[3], out[4], out[2], out[5], out[6])
     return MetaGradient(grad, out[1], None, None, out[2])
 
 
@@ -222,13 +228,40 @@ class Adaptation(NamedTuple):
     output_after: Tensor
 
 
+def balanced_groups(forward: Forward, ways: int, shots: int) -> Forward:
+    """``forward`` applied to the queries in class-balanced groups of ``shots`` per class.
+
+    A batch-normalized network (:func:`~bilevel.problems.imaml.models.conv4_forward`)
+    normalizes with the statistics of the batch it is given. The support set has
+    ``shots`` examples of each of the ``ways`` classes, so scoring the queries in
+    groups of that composition normalizes them as the adaptation did, instead of
+    with the statistics of all queries at once. ``x`` holds ``ways * q`` queries in
+    class-major order (the samplers' layout: class 0's ``q`` queries, then class
+    1's, ...), with ``q`` a multiple of ``shots``; each group is one forward call.
+    """
+    def apply(params: Params, x: Tensor) -> Tensor:
+        per_class = x.shape[0] // ways
+        if per_class * ways != x.shape[0] or per_class % shots:
+            raise ValueError(f"{x.shape[0]} queries do not split into groups of {shots} per class of {ways}")
+        by_class = x.reshape(ways, per_class // shots, shots, *x.shape[1:])
+        outs = [forward(params, by_class[:, g].reshape(ways * shots, *x.shape[1:])) for g in range(per_class // shots)]
+        out = torch.stack(outs).reshape(per_class // shots, ways, shots, -1)  # (group, class, shot, output)
+        return out.transpose(0, 1).reshape(x.shape[0], -1)
+
+    return apply
+
+
 @torch.no_grad()
-def adapt(problem: IMAMLProblem, theta: Params, tasks: Task, *, chunk_size: int | None = None) -> Adaptation:
+def adapt(problem: IMAMLProblem, theta: Params, tasks: Task, *, chunk_size: int | None = None,
+          query_forward: Forward | None = None) -> Adaptation:
     """Adapt ``theta`` to every task of the batch (vmapped inner solve, ``chunk_size`` tasks at a
-    time as in :func:`meta_gradient`) and evaluate on the queries."""
+    time as in :func:`meta_gradient`) and evaluate on the queries, with ``query_forward``
+    (default ``problem.forward``; e.g. :func:`balanced_groups`)."""
+    forward = query_forward or problem.forward
+
     def one(task: Task):
         phi = problem.solve_inner(theta, task, theta)
-        before, after = problem.forward(theta, task.query_x), problem.forward(phi, task.query_x)
+        before, after = forward(theta, task.query_x), forward(phi, task.query_x)
         return problem.loss(before, task.query_y), problem.loss(after, task.query_y), before, after
 
     return Adaptation(*torch.func.vmap(one, chunk_size=chunk_size)(tasks))

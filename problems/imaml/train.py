@@ -39,7 +39,7 @@ from bilevel.checkpoint import file_patterns, load_for_resume
 from bilevel.checkpoint import save as save_checkpoint
 from bilevel.cuda_graph import CUDAGraphed
 from bilevel.problems.imaml.config import RESUMABLE, Config
-from bilevel.problems.imaml.experiment import Experiment, build
+from bilevel.problems.imaml.experiment import Experiment, build, protocol
 from bilevel.problems.imaml.models import Params
 from bilevel.problems.imaml.monitor import Monitor, summarize
 from bilevel.problems.imaml.problem import MetaGradient, adapt, meta_gradient
@@ -72,7 +72,7 @@ def evaluate(exp: Experiment, theta: Params, n_tasks: int, chunk: int, device: t
     while done < n_tasks:
         size = min(chunk, n_tasks - done)
         tasks = sampler.sample(rng, size, device)
-        out = adapt(exp.eval_problem, theta, tasks, chunk_size=exp.chunk_size)
+        out = adapt(exp.eval_problem, theta, tasks, chunk_size=exp.chunk_size, query_forward=exp.query_forward)
         parts["loss_before"].append(out.loss_before)
         parts["loss_after"].append(out.loss_after)
         if exp.classification:
@@ -138,6 +138,7 @@ class _Window:
         self.inner: list[torch.Tensor] = []
         self.status: list[torch.Tensor] = []
         self.converged: list[torch.Tensor] = []
+        self.indefinite: list[torch.Tensor] = []
         self.iterations: list[torch.Tensor] = []
 
     def add(self, mg: MetaGradient) -> None:
@@ -147,6 +148,7 @@ class _Window:
         if mg.status is not None:
             self.status.append(torch.stack([mg.count(s) for s in Status]))
             self.converged.append(mg.count(Status.CONVERGED) if self.rtol is None else mg.converged(self.rtol))
+            self.indefinite.append(mg.indefinite.sum())
             self.iterations.append(mg.iterations.float().mean())
 
     def flush(self) -> tuple[dict[str, Any], list[float]]:
@@ -160,6 +162,7 @@ class _Window:
             counts = torch.stack(self.status).sum(0).tolist()
             out["solve_status"] = {s.name.lower(): int(c) for s, c in zip(Status, counts)}
             out["adjoint_converged"] = int(torch.stack(self.converged).sum())
+            out["adjoint_indefinite"] = int(torch.stack(self.indefinite).sum())
             out["solve_iterations"] = float(torch.stack(self.iterations).mean())
         self.reset()
         return out, losses.tolist()
@@ -179,7 +182,7 @@ def train(config: Config, *, resume: bool | str = False, overwrite: bool = False
     device = torch.device(config.device)
     exp = build(config, omniglot_images)
     theta = {k: v.to(device) for k, v in exp.init.items()}
-    optimizer = torch.optim.Adam(list(theta.values()), lr=config.meta_lr)
+    optimizer = torch.optim.Adam(list(theta.values()), lr=config.meta_lr, eps=config.adam_eps)
     rng = np.random.default_rng(config.seed)
     step, elapsed = 0, 0.0
     metrics_path = out / METRICS
@@ -217,6 +220,8 @@ def train(config: Config, *, resume: bool | str = False, overwrite: bool = False
             mg = compute(theta, tasks)
             for k, p in theta.items():
                 p.grad = mg.grad[k]
+            for group in optimizer.param_groups:
+                group["lr"] = meta_lr(config, step)
             optimizer.step()
             window.add(mg)
             step += 1
@@ -242,6 +247,15 @@ def train(config: Config, *, resume: bool | str = False, overwrite: bool = False
     return _finish(config, exp, theta, device, out, step)
 
 
+def meta_lr(config: Config, step: int) -> float:
+    """Adam's step at meta-step ``step`` (from 0): ``meta_lr``, or with ``lr_schedule="cosine"``
+    ``meta_lr (1 + cos(pi step / steps)) / 2`` (Loshchilov and Hutter, ICLR 2017), a function
+    of the step alone so that a resumed run continues the same schedule."""
+    if config.lr_schedule == "cosine":
+        return config.meta_lr * 0.5 * (1.0 + math.cos(math.pi * step / config.steps))
+    return config.meta_lr
+
+
 def _postfix(record: dict[str, Any]) -> dict[str, str]:
     post = {"loss": f"{record['query_loss']:.3f}"}
     if "solve_status" in record:
@@ -261,6 +275,7 @@ def _finish(config: Config, exp: Experiment, theta: Params, device: torch.device
     final: dict[str, Any] = {"config": config.to_dict(), "meta_steps": step,
                              "test": evaluate(exp, theta, config.final_tasks, config.meta_batch, device, config.seed),
                              "solver_outcomes": summarize(records)}
+    final["test"]["protocol"] = protocol(config)
     if exp.classification and config.ways == 20 and config.shots == 1 and config.split == "official-runs":
         from bilevel.problems.imaml.evaluation import official_runs_accuracy
 
