@@ -81,6 +81,8 @@ class RootFunction(BilevelProblem):
         live = [t.detach().requires_grad_(True) for t in leaves]
         outer_live = pytree.tree_unflatten(live, spec)
         phi = self.fn(outer_live, *call_args(data))
+        if getattr(self.fn, "has_aux", False):
+            phi = phi[0]
         loss = self.loss(phi, outer_live, *call_args(data))
         grads = torch.autograd.grad(loss, live, allow_unused=True)
         grads = [torch.zeros_like(t) if g is None else g for t, g in zip(live, grads)]
