@@ -32,12 +32,12 @@ for part in $parts; do
       (cd "$root/benchmarks" &&
        timeout 600 python3 hypergradient.py --device cuda --problems sinusoid conv --steps 5 80 --tasks 4 \
          --impls ours-implicit ours-implicit-graph torchopt-implicit jaxopt-implicit floor \
-         --min-time 0.5 --max-time 3 --timeout 90 --out "$out/hg4.jsonl") > "$out/bench4.log" 2>&1 ;;
+         --min-time 0.5 --max-time 3 --timeout 500 --out "$out/hg4.jsonl") > "$out/bench4.log" 2>&1 ;;
     bench32)  # meta-batch 32: vectorized against a loop over tasks, and torchopt
       (cd "$root/benchmarks" &&
        timeout 300 python3 hypergradient.py --device cuda --problems sinusoid conv --steps 5 --tasks 32 \
          --impls ours-implicit ours-implicit-graph ours-implicit-loop torchopt-implicit \
-         --min-time 0.5 --max-time 3 --timeout 60 --converged-max-tasks 0 --out "$out/hg32.jsonl") \
+         --min-time 0.5 --max-time 3 --timeout 280 --converged-max-tasks 0 --out "$out/hg32.jsonl") \
         > "$out/bench32.log" 2>&1 ;;
     chunking)  # the meta-gradient by vmap chunk size, and one convolution layer vmapped against looped
       (cd "$root" && timeout 200 python3 benchmarks/chunking.py --device cuda --repeats 10 \

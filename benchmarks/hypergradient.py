@@ -5,8 +5,14 @@ meta-gradient of :mod:`_tasks` (sinusoid MLP, conv4): ``K`` inner gradient steps
 then ``(I + H/lam)^{-1} grad L_test`` by exactly ``--cg`` CG steps from zero
 (implicit), or reverse mode through the ``K`` steps (unrolled MAML).
 
-Implementations (each run in a fresh subprocess, one warm-up call, then the median
-over at least 3 calls and ``--min-time`` seconds):
+All implementations of one (problem, K, meta-batch) run in one fresh subprocess:
+each is built and called once (its first call), then they are timed interleaved,
+call by call in a rotating order, for the same number of rounds (at least 3, and
+until each has ``--min-time`` seconds of calls): the median per call is reported,
+and ratios between rows are measured under the same machine load. ``--isolated``
+runs each implementation in its own process instead, for its peak memory.
+
+Implementations:
 
 * ``ours-implicit``: ``bilevel.hypergradient`` with ``CG(maxiter=cg, rtol=0)``, the
   meta-batch vectorized with ``torch.func.vmap``; ``ours-implicit-graph``: the same
@@ -22,8 +28,9 @@ over at least 3 calls and ``--min-time`` seconds):
 Each meta-gradient is compared (relative 2-norm error) with a float64 reference at
 the same ``K`` (``err_same_k``: the same algorithm, checks the implementation) and
 with the converged meta-gradient (``err_converged``: inner problem minimized, linear
-system solved to 1e-10; checks the answer). Peak memory is the subprocess's peak
-RSS on CPU, ``torch.cuda.max_memory_allocated`` (jax: ``peak_bytes_in_use``) on a GPU.
+system solved to 1e-10; checks the answer). Peak memory (``--isolated`` only) is the
+subprocess's peak RSS on CPU, ``torch.cuda.max_memory_allocated`` (jax:
+``peak_bytes_in_use``) on a GPU.
 
 JSON lines go to ``results/hypergradient.jsonl`` and a Markdown table to
 ``results/hypergradient.md``.
@@ -36,6 +43,7 @@ JSON lines go to ``results/hypergradient.jsonl`` and a Markdown table to
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -46,6 +54,7 @@ import tempfile
 import time
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Callable
 
 from _rss import status_mib
 
@@ -76,7 +85,7 @@ def _thread_env(threads: int) -> dict[str, str]:
     return env
 
 
-def _build(cfg: dict):
+def _build(cfg: dict, impl: str):
     """``(call, block)`` for one implementation; ``block(out)`` waits for the device."""
     import torch
 
@@ -84,7 +93,7 @@ def _build(cfg: dict):
     from _tasks import make_problem_data, to_torch
 
     theta_np, data_np = make_problem_data(cfg["problem"], cfg["tasks"], cfg["seed"])
-    impl, problem, steps, cg = cfg["impl"], cfg["problem"], cfg["steps"], cfg["cg"]
+    problem, steps, cg = cfg["problem"], cfg["steps"], cfg["cg"]
     if impl == "jaxopt-implicit":
         from _peers import jaxopt_imaml
         return jaxopt_imaml.make(problem, theta_np, data_np, steps, cg, cfg["device"])
@@ -115,15 +124,29 @@ def _build(cfg: dict):
     raise ValueError(f"unknown implementation {impl!r}: choose from {sorted(IMPLS)}")
 
 
-def _median_time(call, block, min_time: float, max_time: float, min_calls: int = 3) -> tuple[float, int, object]:
-    times, out = [], None
-    while len(times) < min_calls or sum(times) < min_time:
-        start = time.perf_counter()
-        out = block(call())
-        times.append(time.perf_counter() - start)
-        if sum(times) >= max_time:
-            break
-    return statistics.median(times), len(times), out
+def _timed(call: Callable[[], object], block: Callable[[object], object]) -> tuple[float, object]:
+    """Seconds of one call (device work included) and its result."""
+    start = time.perf_counter()
+    out = block(call())
+    return time.perf_counter() - start, out
+
+
+def interleave(timers: dict[str, Callable[[], float]], min_time: float, max_time: float,
+               min_rounds: int = 3) -> dict[str, list[float]]:
+    """Call every timer once per round, in a rotating order, until each has at least
+    ``min_rounds`` calls and ``min_time`` seconds of them (or a round ends past ``max_time``
+    seconds in all): every implementation gets the same number of calls, spread over the
+    same stretch of machine load."""
+    names = list(timers)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    start = time.perf_counter()
+    for rounds in itertools.count():
+        shift = rounds % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(timers[name]())
+        enough = rounds + 1 >= min_rounds and min(sum(t) for t in times.values()) >= min_time
+        if enough or (rounds + 1 >= min_rounds and time.perf_counter() - start >= max_time):
+            return times
 
 
 def _rss_mib() -> float:
@@ -135,10 +158,10 @@ def _rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _gpu_peak(cfg: dict, reset: bool = False) -> float | None:
+def _gpu_peak(cfg: dict, impls: list[str], reset: bool = False) -> float | None:
     if not cfg["device"].startswith("cuda"):
         return None
-    if cfg["impl"] == "jaxopt-implicit":
+    if impls == ["jaxopt-implicit"]:
         import jax
         stats = jax.devices("gpu")[0].memory_stats() or {}
         return None if reset else stats.get("peak_bytes_in_use", 0) / 2 ** 20
@@ -149,39 +172,70 @@ def _gpu_peak(cfg: dict, reset: bool = False) -> float | None:
     return torch.cuda.max_memory_allocated() / 2 ** 20
 
 
-def worker(cfg: dict) -> dict:
-    """Run one (implementation, problem, K, meta-batch) and return its row."""
+def worker(cfg: dict) -> list[dict]:
+    """Run the implementations ``cfg["impls"]`` on one (problem, K, meta-batch) in this process,
+    interleaved call by call, and return one row each.
+
+    Each is built and called once (its first call, compilation or tracing included), then
+    :func:`interleave` times them side by side. The floor's three parts are called in turn
+    within its round, and the round's floor is ``K t_grad + cg t_hvp + t_query``. Peak
+    memory is reported only for a process that ran one implementation.
+    """
     import numpy as np
     import torch
 
     torch.set_num_threads(cfg["threads"])
-    built, block = _build(cfg)
+    impls = cfg["impls"]
+    built = {impl: _build(cfg, impl) for impl in impls}
     rss_base = _rss_mib()
-    _gpu_peak(cfg, reset=True)
-    row: dict = {"rss_base_mib": round(rss_base, 1)}
-    if cfg["impl"] == "floor":
-        inner_grad, hvp, query = built
-        parts = {}
-        for name, fn in (("grad", inner_grad), ("hvp", hvp), ("query", query)):
-            block(fn())
-            parts[name] = _median_time(fn, block, cfg["min_time"] / 3, cfg["max_time"] / 3)[0]
-        row.update(time_s=cfg["steps"] * parts["grad"] + cfg["cg"] * parts["hvp"] + parts["query"],
-                   calls=0, first_s=None, **{f"{k}_s": v for k, v in parts.items()})
-    else:
-        start = time.perf_counter()
-        block(built())
-        first = time.perf_counter() - start
-        median, calls, out = _median_time(built, block, cfg["min_time"], cfg["max_time"])
+    _gpu_peak(cfg, impls, reset=True)
+    rows: dict[str, dict] = {impl: {"impl": impl} for impl in impls}
+    outs: dict[str, object] = {}
+    timers: dict[str, Callable[[], float]] = {}
+    for impl, (call, block) in built.items():
+        if impl == "floor":
+            inner_grad, hvp, query = call
+            for part in call:
+                block(part())
+
+            def floor_round(parts=(inner_grad, hvp, query), block=block, row=rows[impl]) -> float:
+                grad_s, hvp_s, query_s = (_timed(part, block)[0] for part in parts)
+                row.setdefault("parts", []).append((grad_s, hvp_s, query_s))
+                return cfg["steps"] * grad_s + cfg["cg"] * hvp_s + query_s
+
+            timers[impl] = floor_round
+            rows[impl]["first_s"] = None
+        else:
+            rows[impl]["first_s"], outs[impl] = _timed(call, block)
+
+            def timer(call=call, block=block, impl=impl) -> float:
+                seconds, outs[impl] = _timed(call, block)
+                return seconds
+
+            timers[impl] = timer
+    times = interleave(timers, cfg["min_time"], cfg["max_time"])
+    grads = {}
+    for impl, row in rows.items():
+        row.update(time_s=statistics.median(times[impl]), best_s=min(times[impl]), calls=len(times[impl]))
+        if impl == "floor":
+            parts = row.pop("parts")
+            row.update({f"{name}_s": statistics.median(p[i] for p in parts)
+                        for i, name in enumerate(("grad", "hvp", "query"))})
+            continue
+        out = outs[impl]
         leaves = out if isinstance(out, (tuple, list)) else (out,)
-        flat = np.concatenate([np.asarray(leaf.detach().cpu() if hasattr(leaf, "detach") else leaf,
-                                          dtype=np.float64).ravel() for leaf in leaves])
-        np.save(cfg["grad_out"], flat)
-        row.update(time_s=median, calls=calls, first_s=first)
-        if cfg["impl"].startswith("ours-"):
+        grads[impl] = np.concatenate([np.asarray(leaf.detach().cpu() if hasattr(leaf, "detach") else leaf,
+                                                 dtype=np.float64).ravel() for leaf in leaves])
+        if impl.startswith("ours-"):
             import _ours
-            row["solve_status"] = _ours.solve_statuses(built)
-    row.update(rss_peak_mib=round(_rss_mib(), 1), gpu_peak_mib=_gpu_peak(cfg))
-    return row
+            row["solve_status"] = _ours.solve_statuses(built[impl][0])
+    np.savez(cfg["grad_out"], **grads)
+    alone = len(impls) == 1
+    for row in rows.values():
+        row.update(rss_base_mib=round(rss_base, 1) if alone else None,
+                   rss_peak_mib=round(_rss_mib(), 1) if alone else None,
+                   gpu_peak_mib=_gpu_peak(cfg, impls) if alone else None)
+    return list(rows.values())
 
 
 # ------------------------------------------------------------------ the parent
@@ -205,24 +259,29 @@ def _hardware(device: str, threads: int) -> str:
     return f"{model}, {os.cpu_count()} cores, {threads} thread(s)"
 
 
-def run_one(cfg: dict, timeout: float) -> dict:
-    """Run :func:`worker` in a fresh interpreter; errors become a row with ``error``."""
+def run_group(cfg: dict, timeout: float) -> list[dict]:
+    """Run :func:`worker` in a fresh interpreter; a failure becomes one row per implementation
+    with ``error``. Each returned row carries its float64 meta-gradient under ``grad``."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = dict(cfg, grad_out=str(Path(tmp) / "grad.npy"))
+        cfg = dict(cfg, grad_out=str(Path(tmp) / "grads.npz"))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                   env=_thread_env(cfg["threads"]), cwd=HERE)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+            error = None if proc.returncode == 0 and lines else \
+                (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
         except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {timeout:.0f} s"}
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
-        row = json.loads(lines[-1])
-        if Path(cfg["grad_out"]).exists():
-            import numpy as np
-            row["grad"] = np.load(cfg["grad_out"])
-        return row
+            error = f"timed out after {timeout:.0f} s"
+        if error:
+            return [{"impl": impl, "error": error} for impl in cfg["impls"]]
+        rows = json.loads(lines[-1])
+        import numpy as np
+        with np.load(cfg["grad_out"]) as grads:
+            for row in rows:
+                if row["impl"] in grads:
+                    row["grad"] = grads[row["impl"]]
+        return rows
 
 
 class References:
@@ -278,24 +337,25 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: one line per run, with its time relative to torchopt's and the cost floor."""
+    """Markdown: one line per run, with its time relative to torchopt's and the cost floor
+    (peak RSS in MiB, peak GPU memory in MiB)."""
     base = {(r["problem"], r["tasks"], r["steps"], r["impl"]): r.get("time_s") for r in rows}
-    head = ("| problem | tasks | K | implementation | time / meta-grad | x torchopt | x floor | first call "
+    head = ("| problem | tasks | K | implementation | time / meta-grad | calls | x torchopt | x floor | first call "
             "| peak RSS | peak GPU | err vs same K | err vs converged | CG status |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         key = (r["problem"], r["tasks"], r["steps"])
         if "error" in r:
             lines.append(f"| {r['problem']} | {r['tasks']} | {r['steps']} | {r['impl']} | error: "
-                         f"{r['error']} |" + " |" * 8)
+                         f"{r['error']} |" + " |" * 9)
             continue
         torchopt, floor = base.get(key + ("torchopt-implicit",)), base.get(key + ("floor",))
         t = r["time_s"]
         status = ", ".join(f"{k} {v}" for k, v in sorted(r.get("solve_status", {}).items())) or "—"
         lines.append(
-            f"| {r['problem']} | {r['tasks']} | {r['steps']} | {r['impl']} | {_fmt_time(t)} "
+            f"| {r['problem']} | {r['tasks']} | {r['steps']} | {r['impl']} | {_fmt_time(t)} | {r['calls']} "
             f"| {_fmt(t / torchopt if torchopt else None, '.2f')} | {_fmt(t / floor if floor else None, '.2f')} "
-            f"| {_fmt_time(r.get('first_s'))} | {_fmt(r.get('rss_peak_mib'), '.0f')} MiB "
+            f"| {_fmt_time(r.get('first_s'))} | {_fmt(r.get('rss_peak_mib'), '.0f')} "
             f"| {_fmt(r.get('gpu_peak_mib'), '.0f')} | {_fmt(r.get('err_same_k'), '.1e')} "
             f"| {_fmt(r.get('err_converged'), '.2e')} | {status} |")
     return "\n".join(lines)
@@ -342,9 +402,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--cg", type=int, default=5, help="CG steps of the implicit methods")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
-    parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timed calls per run")
+    parser.add_argument("--min-time", type=float, default=None,
+                        help="seconds of timed calls per implementation (default 2, 0.3 with --quick)")
     parser.add_argument("--max-time", type=float, default=60.0, help="stop timing after this many seconds")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run (subprocess)")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds per process (all implementations of one problem, K and meta-batch)")
+    parser.add_argument("--isolated", action="store_true",
+                        help="one process per implementation, for its peak memory; times are then taken at "
+                             "different moments, so ratios across rows drift with the machine's load")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--converged-max-tasks", type=int, default=4,
                         help="compute the converged reference only for meta-batches up to this size")
@@ -362,7 +427,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
         args.problems, args.steps, args.tasks = ["sinusoid"], [5], [4]
-        args.min_time, args.impls = 0.3, [i for i in args.impls if i in QUICK_IMPLS]
+        args.impls = [i for i in args.impls if i in QUICK_IMPLS]
+    if args.min_time is None:
+        args.min_time = 0.3 if args.quick else 2.0
     available = [i for i in args.impls if find_spec(IMPLS[i][1]) is not None
                  and (device.startswith("cuda") or not i.endswith("-graph"))]
     skipped = sorted(set(args.impls) - set(available))
@@ -373,27 +440,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "threads": args.threads, "cg": args.cg, "seed": args.seed}
     done = _done_keys(args.out, meta) if args.resume else set()
     refs = References(args.seed, args.converged_max_tasks)
-    grid = [(p, b, k, i) for p in args.problems for b in args.tasks for k in args.steps for i in available
-            if (p, b, k, i) not in done]
+    groups = [(p, b, k, [i for i in available if (p, b, k, i) not in done])
+              for p in args.problems for b in args.tasks for k in args.steps]
+    if args.isolated:
+        groups = [(p, b, k, [i]) for p, b, k, impls in groups for i in impls]
+    groups = [g for g in groups if g[3]]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
-    for problem, tasks, steps, impl in tqdm(grid, desc="hypergradient", file=sys.stderr):
-        cfg = {"impl": impl, "problem": problem, "tasks": tasks, "steps": steps, "cg": args.cg,
+    for problem, tasks, steps, impls in tqdm(groups, desc="hypergradient", file=sys.stderr):
+        cfg = {"impls": impls, "problem": problem, "tasks": tasks, "steps": steps, "cg": args.cg,
                "device": device, "threads": args.threads, "seed": args.seed,
                "min_time": args.min_time, "max_time": args.max_time}
-        row = run_one(cfg, args.timeout)
-        grad = row.pop("grad", None)
-        kind = IMPLS[impl][0]
-        if grad is not None:
-            row["err_same_k"] = _rel(grad, refs.same_k(kind, problem, tasks, steps, args.cg))
-            conv, info = refs.converged(problem, tasks)
-            row["err_converged"] = _rel(grad, conv)
-            if info:
-                row["reference"] = info
-        row = {**{k: v for k, v in cfg.items() if k not in ("min_time", "max_time")}, **meta, **row}
-        rows.append(row)
-        with args.out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        for row in run_group(cfg, args.timeout):
+            grad = row.pop("grad", None)
+            if grad is not None:
+                kind = IMPLS[row["impl"]][0]
+                row["err_same_k"] = _rel(grad, refs.same_k(kind, problem, tasks, steps, args.cg))
+                conv, info = refs.converged(problem, tasks)
+                row["err_converged"] = _rel(grad, conv)
+                if info:
+                    row["reference"] = info
+            row = {**{k: v for k, v in cfg.items() if k not in ("impls", "min_time", "max_time")},
+                   **meta, "isolated": args.isolated, **row}
+            rows.append(row)
+            with args.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
     text = table(rows)
     lines = summary(rows)
     md = args.out.with_suffix(".md")
