@@ -267,7 +267,7 @@ the tolerance is reported ``SINGULAR``: no solution at this precision."""
 
 
 def finish(op: MatVec, b: Tensor, x: Tensor, status: Tensor, iterations: Tensor,
-           history: list[Tensor] | None, maxiter: int, tol: Tensor) -> SolveResult:
+           history: list[Tensor] | None, maxiter: int, tol: Tensor, Ab: Tensor | None = None) -> SolveResult:
     """Close a solve: the final status is decided on the true residual.
 
     ``r = b - A x`` is recomputed from the final iterate (one matvec). A system is
@@ -282,10 +282,13 @@ def finish(op: MatVec, b: Tensor, x: Tensor, status: Tensor, iterations: Tensor,
     system's ``x`` is set to NaN (:func:`poison`), so that no number stands in for a
     failed solve. Under ``vmap`` or CUDA-graph capture ``x`` is returned as it is (a
     masked copy would cost the implicit gradient a vector-Jacobian product): the
-    implicit gradient poisons its own result with the status instead.
+    implicit gradient poisons its own result with the status instead. ``Ab``: ``A b``
+    when the solver already applied the operator to ``b`` itself (CG's first direction
+    from ``x0 = 0`` without a preconditioner), which saves the estimate's matvec.
     """
     hidden = values_hidden(x)
-    Ab = op(b) if hidden else None  # branch-free: the estimate's matvec comes first, so A x stays the last
+    if Ab is None and hidden:  # branch-free: the estimate's matvec comes first, so A x stays the last
+        Ab = op(b)
     Ax = op(x)
     rnorm = norm(b - Ax)
     met = (rnorm <= tol) & finite(x)

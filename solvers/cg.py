@@ -50,7 +50,7 @@ class CG(B.IterativeSolver):
         z = precond(r)
         rz = B.dot(r, z)
         p = z
-        p_prev = Ap_prev = None
+        p_prev = Ap_prev = Ab = None
         history = [rnorm] if self.history else None
 
         for k in range(1, maxiter + 1):
@@ -58,6 +58,8 @@ class CG(B.IterativeSolver):
                 break
             active = status == B.RUNNING
             Ap = op(p)
+            if k == 1 and p is b:  # from x0 = 0 without a preconditioner: A b, reused by finish
+                Ab = Ap
             if p_prev is not None:
                 status = B.mark(status, active & B.asymmetric(p_prev, Ap_prev, p, Ap), Status.NONSYMMETRIC)
                 active = status == B.RUNNING
@@ -90,4 +92,4 @@ class CG(B.IterativeSolver):
             if history is not None:
                 history.append(rnorm)
 
-        return B.finish(op, b, x, status, its, history, maxiter, s.tol)
+        return B.finish(op, b, x, status, its, history, maxiter, s.tol, Ab)
