@@ -33,18 +33,24 @@ from bilevel.problems.imaml.monitor import TrainingWarning
 from bilevel.problems.imaml.train import train
 
 MAML = dict(mode="unrolled")  # the usual MAML: lam 0, 10 plain steps of 0.02 (the resolved defaults)
+CG10 = dict(solver="cg", cg_steps=10)
+# Changes from the main job's settings (lam 3, 20 Armijo steps from 0.02, MINRES 20, rtol 1e-2), one row each.
 VARIANTS: dict[str, dict[str, Any]] = {
     "main": {},
     "maml": MAML,
-    "old-default": dict(lam=1.0, inner_steps=40, inner_optimizer="gd", solver="cg", cg_steps=5),
-    "cg": dict(solver="cg"),
-    "cg-damping3": dict(solver="cg", damping=3.0),
-    "gd": dict(inner_optimizer="gd"),
-    "armijo10": dict(inner_steps=10),
-    "minres10": dict(cg_steps=10),
+    "old-default": dict(lam=1.0, inner_steps=40, inner_optimizer="gd", solver="cg", cg_steps=5, solver_rtol=1e-5),
+    "lam1-cg10": dict(lam=1.0, **CG10),
+    "lam1-cg10-armijo40": dict(lam=1.0, inner_steps=40, **CG10),
+    "lam1-cg10-damping3": dict(lam=1.0, damping=3.0, **CG10),
+    "lam2-cg10": dict(lam=2.0, **CG10),
+    "lam5-cg10": dict(lam=5.0, **CG10),
+    "lam1-minres10": dict(lam=1.0, cg_steps=10),
     "lam1": dict(lam=1.0),
+    "lam1-minres30": dict(lam=1.0, cg_steps=30),
+    "lam1-rtol1e-3": dict(lam=1.0, solver_rtol=1e-3),
+    "lam1-armijo10": dict(lam=1.0, inner_steps=10),
     "lam2": dict(lam=2.0),
-    "lam5": dict(lam=5.0),
+    "minres30": dict(cg_steps=30),
 }
 
 

@@ -45,10 +45,20 @@ class Config:
     """A training run. ``None`` fields take the data set's default (see :meth:`resolved`).
 
     Omniglot defaults are the paper's: ``lam = 2``, 16 inner GD steps of 0.1 for
-    5-way (25 for 20-way), 5 CG steps, Adam 1e-3, meta-batch 32. MAML and FOMAML
-    (``mode`` ``"unrolled"`` / ``"first_order"``) default to ``lam = 0``, the
-    original algorithms; 30000 meta-steps (a GPU run). Sinusoid: 10 shots, 10
-    queries, meta-batch 25, 40 inner steps of 0.02 with ``lam = 1``, 1000 meta-steps.
+    5-way (25 for 20-way), 5 CG steps, Adam 1e-3, meta-batch 32, 30000 meta-steps
+    (a GPU run), with the reference code's ``variant`` (``"reference"``: one closing
+    proximal step, the adjoint system damped by 22; ``"formula"``: the proximal
+    term in every step, undamped) and evaluation queries scored in class-balanced
+    batch-norm groups (``eval_bn="balanced"``). MAML and FOMAML (``mode``
+    ``"unrolled"`` / ``"first_order"``) default to ``lam = 0``, the original
+    algorithms. Sinusoid (the main job, :data:`SINUSOID`, chosen by measurement):
+    10 shots, 10 queries, meta-batch 25, 1000 meta-steps, ``lam = 3``, 20 Armijo
+    inner steps from 0.02, MINRES with at most 20 iterations to ``rtol = 1e-2``,
+    and a MAML ``baseline`` (10 plain steps of 0.02) run beside it by the job;
+    MAML and FOMAML alone take 10 steps. ``eval_queries``, ``eval_bn`` and
+    ``eval_rotations`` set the evaluation protocol; ``adam_eps`` and
+    ``lr_schedule`` (``"constant"`` or ``"cosine"``) the outer optimizer;
+    ``spike_factor`` the loss-spike warning.
     ``max_minutes`` ends meta-training early, after the first log step past that
     wall-clock budget (counted from this start or resume), with a checkpoint and
     the final evaluation as usual. ``cuda_graph`` replays each meta-gradient as

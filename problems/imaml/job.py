@@ -37,7 +37,8 @@ def baseline_config(config: Config) -> Config:
 def run_job(config: Config, *, resume: bool | str = False, overwrite: bool = False) -> dict[str, Any]:
     """:func:`~bilevel.problems.imaml.train.train` ``config``, then its baseline (if any); the final results.
 
-    The baseline resumes with the run when it has a checkpoint of its own.
+    The baseline runs as many meta-steps as the run did (a ``max_minutes`` stop
+    included) and resumes with the run when it has a checkpoint of its own.
     """
     from bilevel.problems.imaml import plots
     from bilevel.runs import write_text_atomic
@@ -46,7 +47,7 @@ def run_job(config: Config, *, resume: bool | str = False, overwrite: bool = Fal
     resolved = Config(**final["config"])
     if resolved.baseline != "maml":
         return final
-    maml = baseline_config(resolved)
+    maml = dataclasses.replace(baseline_config(resolved), steps=final["meta_steps"], max_minutes=None)
     maml_resume = bool(resume) and (Path(maml.out_dir) / CHECKPOINT).is_file()
     result = train(maml, resume=maml_resume, overwrite=overwrite and not maml_resume)
     final["baseline"] = {"method": "maml", "out_dir": maml.out_dir, "inner_steps": maml.inner_steps,

@@ -119,8 +119,9 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
 
     ``adjoint``: counts by status, ``converged`` (true relative residual within the
     solver's ``rtol``), its fraction, the mean iterations per solve, and the
-    systems proven ``indefinite`` (implicit mode only). ``inner``: the mean inner residual ``||G(phi)||`` over the logged
-    windows. ``warnings``: how many health warnings the run logged.
+    systems proven ``indefinite`` (implicit mode only). ``inner``: the mean inner
+    residual ``||G(phi)||`` over the logged windows. ``warnings``: how many health
+    warnings the run logged.
     """
     counts: dict[str, int] = {}
     converged = total = indefinite = 0
