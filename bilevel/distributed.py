@@ -169,17 +169,23 @@ class Context:
 
 
 def _per_task_flat(tree: PyTree) -> tuple[Tensor, Callable[[Tensor], PyTree]]:
-    """``(n, features)`` from leaves shaped ``(n, ...)``, and the map back for any ``n``."""
+    """``(n, features)`` from leaves shaped ``(n, ...)``, and the map back for any ``n``.
+
+    Leaves of several dtypes (losses, integer statuses, boolean flags) travel as
+    float64, which holds each of them exactly, and come back in their own dtype.
+    """
     leaves, spec = torch.utils._pytree.tree_flatten(tree)
     n = leaves[0].shape[0]
     shapes = [leaf.shape[1:] for leaf in leaves]
+    dtypes = [leaf.dtype for leaf in leaves]
     sizes = [int(torch.Size(s).numel()) for s in shapes]
-    flat = torch.cat([leaf.reshape(n, -1) for leaf in leaves], dim=1)
+    common = dtypes[0] if len(set(dtypes)) == 1 else torch.float64
+    flat = torch.cat([leaf.reshape(n, size).to(common) for leaf, size in zip(leaves, sizes)], dim=1)
 
     def unravel(rows: Tensor) -> PyTree:
         parts = torch.split(rows, sizes, dim=1)
         return torch.utils._pytree.tree_unflatten(
-            [p.reshape(rows.shape[0], *s) for p, s in zip(parts, shapes)], spec)
+            [p.reshape(rows.shape[0], *s).to(d) for p, s, d in zip(parts, shapes, dtypes)], spec)
 
     return flat, unravel
 

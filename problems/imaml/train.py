@@ -25,6 +25,7 @@ with a checkpoint, so ``--resume`` (with more time) continues it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bilevel import distributed
 from bilevel.checkpoint import file_patterns, load_for_resume
 from bilevel.checkpoint import save as save_checkpoint
 from bilevel.cuda_graph import CUDAGraphed
@@ -46,7 +48,7 @@ from bilevel.problems.imaml.problem import MetaGradient, adapt, meta_gradient
 from bilevel.runs import output_patterns, prepare_output, read_records, write_records
 from bilevel.solvers import Status
 
-__all__ = ["train", "evaluate", "load_checkpoint", "CHECKPOINT", "METRICS", "RUN_FILES"]
+__all__ = ["train", "evaluate", "combine", "load_checkpoint", "CHECKPOINT", "METRICS", "RUN_FILES"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -57,13 +59,16 @@ EVAL_SEED = 1  # evaluation tasks come from their own generator, the same at eve
 
 
 def evaluate(exp: Experiment, theta: Params, n_tasks: int, chunk: int, device: torch.device,
-             seed: int, test: bool = True) -> dict[str, Any]:
+             seed: int, test: bool = True, ctx: distributed.Context | None = None) -> dict[str, Any]:
     """Loss (and accuracy) on the queries of ``n_tasks`` fixed tasks, before and after adaptation.
 
     Returns means, each with the half-width of a 95% confidence interval over tasks
     (``_ci95``: 1.96 standard errors). For regression also ``loss_zero``, the
-    error of predicting 0 on the same queries (the mean of ``y^2``).
+    error of predicting 0 on the same queries (the mean of ``y^2``). Under several
+    processes (``ctx``) each adapts its shard of every chunk and the per-task
+    values are gathered in task order, so every rank returns the same figures.
     """
+    ctx = ctx or distributed.single_process(device)
     rng = np.random.default_rng([seed, EVAL_SEED])
     sampler = exp.test_tasks if test else exp.train_tasks
     parts: dict[str, list[torch.Tensor]] = {"loss_before": [], "loss_after": [], "acc_before": [], "acc_after": [],
@@ -71,15 +76,22 @@ def evaluate(exp: Experiment, theta: Params, n_tasks: int, chunk: int, device: t
     done = 0
     while done < n_tasks:
         size = min(chunk, n_tasks - done)
-        tasks = sampler.sample(rng, size, device)
+        drawn = sampler.sample(rng, size, device)
+        tasks = ctx.take(drawn, size)
+        idle = tasks.query_y.shape[0] == 0  # a last chunk smaller than the world: adapt a stand-in, keep nothing
+        if idle:
+            tasks = drawn.index(slice(0, 1))
         out = adapt(exp.eval_problem, theta, tasks, chunk_size=exp.chunk_size, query_forward=exp.query_forward)
-        parts["loss_before"].append(out.loss_before)
-        parts["loss_after"].append(out.loss_after)
+        per_task = {"loss_before": out.loss_before, "loss_after": out.loss_after}
         if exp.classification:
-            parts["acc_before"].append((out.output_before.argmax(-1) == tasks.query_y).float().mean(-1))
-            parts["acc_after"].append((out.output_after.argmax(-1) == tasks.query_y).float().mean(-1))
+            per_task["acc_before"] = (out.output_before.argmax(-1) == tasks.query_y).float().mean(-1)
+            per_task["acc_after"] = (out.output_after.argmax(-1) == tasks.query_y).float().mean(-1)
         else:
-            parts["loss_zero"].append(tasks.query_y.flatten(1).square().mean(1))  # MSE of predicting 0
+            per_task["loss_zero"] = tasks.query_y.flatten(1).square().mean(1)  # MSE of predicting 0
+        if idle:
+            per_task = {key: value[:0] for key, value in per_task.items()}
+        for key, value in ctx.gather(per_task, size).items():
+            parts[key].append(value)
         done += size
     result: dict[str, Any] = {"tasks": n_tasks}
     for key, values in parts.items():
@@ -168,18 +180,48 @@ class _Window:
         return out, losses.tolist()
 
 
+def combine(ctx: distributed.Context, local: MetaGradient, meta_batch: int) -> MetaGradient:
+    """The whole meta-batch's :class:`MetaGradient` from every rank's share.
+
+    ``local.grad`` is the mean over this rank's tasks: ``n_local`` times it is their
+    sum, and one all-reduce of the sums divided by ``meta_batch`` gives the mean over
+    every task (exact: the tasks are independent). The per-task diagnostics are
+    gathered in task order. One process: ``local`` itself.
+    """
+    if not ctx.distributed:
+        return local
+    n_local = local.query_loss.shape[0]
+    grad = ctx.mean_of_sums({k: g * n_local for k, g in local.grad.items()}, meta_batch)
+    per_task = {name: value for name, value in local._asdict().items() if name != "grad" and value is not None}
+    return local._replace(grad=grad, **ctx.gather(per_task, meta_batch))
+
+
 def train(config: Config, *, resume: bool | str = False, overwrite: bool = False,
-          omniglot_images: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+          omniglot_images: tuple[np.ndarray, np.ndarray] | None = None,
+          ctx: distributed.Context | None = None) -> dict[str, Any]:
     """Run (or resume) the meta-training described by ``config``; returns the final evaluation.
 
     Writes ``metrics.jsonl``, ``checkpoint.pt``, ``final.json`` and PNG plots in
     ``config.out_dir``. ``resume``: ``True`` (or ``"latest"``) continues from the
     checkpoint there, ``"previous"`` from the previous one kept beside it; a folder
     holding a run is refused (``FileExistsError``) unless resumed or ``overwrite``.
+
+    Under ``torchrun`` (or with ``ctx``) every rank draws the whole meta-batch from
+    the same generator and computes the meta-gradient of its contiguous shard
+    (:mod:`bilevel.distributed`); the step, the checkpoint and the metrics are those
+    of the one-process run, whatever the number of processes, so a run may resume
+    on another. Rank 0 alone writes files.
     """
     config = config.resolved()
-    out = prepare_output(config.out_dir, RUN_FILES, resume=bool(resume), overwrite=overwrite)
-    device = torch.device(config.device)
+    ctx = ctx or distributed.init(config.device)
+    if config.meta_batch < ctx.world_size:
+        raise ValueError(f"--meta-batch {config.meta_batch} is smaller than the {ctx.world_size} processes: "
+                         "every process needs a task; raise --meta-batch or start fewer processes")
+    if ctx.is_main:
+        prepare_output(config.out_dir, RUN_FILES, resume=bool(resume), overwrite=overwrite)
+    ctx.barrier()
+    out = Path(config.out_dir)
+    device = ctx.device if ctx.distributed else torch.device(config.device)
     exp = build(config, omniglot_images)
     theta = {k: v.to(device) for k, v in exp.init.items()}
     optimizer = torch.optim.Adam(list(theta.values()), lr=config.meta_lr, eps=config.adam_eps)
@@ -195,10 +237,12 @@ def train(config: Config, *, resume: bool | str = False, overwrite: bool = False
         rng.bit_generator.state = saved["rng"]
         step = saved["step"]
         elapsed = saved.get("seconds", 0.0)  # checkpoints written before it was saved start the clock at 0
-        _truncate_metrics(metrics_path, step)
-    else:
+        if ctx.is_main:
+            _truncate_metrics(metrics_path, step)
+    elif ctx.is_main:
         _save(out, config, 0, rng, 0.0, theta, optimizer)
         metrics_path.write_text("")
+    ctx.barrier()
 
     from tqdm import tqdm
 
@@ -208,16 +252,17 @@ def train(config: Config, *, resume: bool | str = False, overwrite: bool = False
 
     if config.cuda_graph:
         compute = CUDAGraphed(compute)
-    bar = tqdm(total=config.steps, initial=step, disable=not config.progress, desc=f"imaml {config.dataset}")
+    bar = tqdm(total=config.steps, initial=step, disable=not (config.progress and ctx.is_main),
+               desc=f"imaml {config.dataset}")
     window, resumed_at = _Window(getattr(exp.solver, "rtol", None)), time.perf_counter()
     monitor = Monitor(spike_factor=config.spike_factor)
     monitor.replay(read_records(metrics_path))
     started = resumed_at - elapsed  # "seconds" in the metrics counts the training time of every run so far
     deadline = resumed_at + 60 * config.max_minutes if config.max_minutes else math.inf
-    with metrics_path.open("a") as log:
+    with (metrics_path.open("a") if ctx.is_main else contextlib.nullcontext()) as log:
         while step < config.steps:
-            tasks = exp.train_tasks.sample(rng, config.meta_batch, device)
-            mg = compute(theta, tasks)
+            tasks = ctx.take(exp.train_tasks.sample(rng, config.meta_batch, device), config.meta_batch)
+            mg = combine(ctx, compute(theta, tasks), config.meta_batch)
             for k, p in theta.items():
                 p.grad = mg.grad[k]
             for group in optimizer.param_groups:
@@ -231,20 +276,28 @@ def train(config: Config, *, resume: bool | str = False, overwrite: bool = False
                 last = last or time.perf_counter() >= deadline
                 entries, losses = window.flush()
                 record = {"step": step, **entries, "seconds": time.perf_counter() - started}
-                alerts = monitor.check(step - len(losses) + 1, losses, record)
-                if alerts:
-                    record["warnings"] = alerts
+                if ctx.distributed:  # the same decision to stop on every rank: rank 0's clock
+                    last = bool(ctx.sum(torch.tensor([float(last and ctx.is_main)], device=device)))
+                if ctx.is_main:
+                    alerts = monitor.check(step - len(losses) + 1, losses, record)
+                    if alerts:
+                        record["warnings"] = alerts
                 if step % config.eval_every == 0 or last:
-                    record["eval"] = evaluate(exp, theta, config.eval_tasks, config.meta_batch, device, config.seed)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                    record["eval"] = evaluate(exp, theta, config.eval_tasks, config.meta_batch, device, config.seed,
+                                              ctx=ctx)
+                if ctx.is_main:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
                 bar.set_postfix(_postfix(record))
             if step % config.checkpoint_every == 0 or last:
-                _save(out, config, step, rng, time.perf_counter() - started, theta, optimizer)
+                ctx.check_replicas(theta)
+                if ctx.is_main:
+                    _save(out, config, step, rng, time.perf_counter() - started, theta, optimizer)
+                ctx.barrier()
             if last:
                 break
     bar.close()
-    return _finish(config, exp, theta, device, out, step)
+    return _finish(config, exp, theta, device, out, step, ctx)
 
 
 def meta_lr(config: Config, step: int) -> float:
@@ -268,12 +321,15 @@ def _postfix(record: dict[str, Any]) -> dict[str, str]:
 
 
 def _finish(config: Config, exp: Experiment, theta: Params, device: torch.device, out: Path,
-            step: int) -> dict[str, Any]:
+            step: int, ctx: distributed.Context) -> dict[str, Any]:
     from bilevel.problems.imaml import plots
 
+    test = evaluate(exp, theta, config.final_tasks, config.meta_batch, device, config.seed, ctx=ctx)
+    if not ctx.is_main:
+        ctx.barrier()  # rank 0 writes the files
+        return {"config": config.to_dict(), "meta_steps": step, "test": test}
     records = read_records(out / METRICS)
-    final: dict[str, Any] = {"config": config.to_dict(), "meta_steps": step,
-                             "test": evaluate(exp, theta, config.final_tasks, config.meta_batch, device, config.seed),
+    final: dict[str, Any] = {"config": config.to_dict(), "meta_steps": step, "test": test,
                              "solver_outcomes": summarize(records)}
     final["test"]["protocol"] = protocol(config)
     if exp.classification and config.ways == 20 and config.shots == 1 and config.split == "official-runs":
@@ -285,4 +341,5 @@ def _finish(config: Config, exp: Experiment, theta: Params, device: torch.device
     plots.learning_curves(out / METRICS, out / "learning_curves.png", classification=exp.classification)
     if not exp.classification:
         plots.sinusoid_fits(exp.eval_problem, theta, exp.test_tasks, out / "sinusoid_fits.png", seed=config.seed)
+    ctx.barrier()
     return final
