@@ -7,7 +7,8 @@ differentiation as baselines.
 """
 
 from bilevel.cuda_graph import CUDAGraphed
-from bilevel.errors import BilevelError, BilevelWarning, ConvergenceError, ConvergenceWarning, NonFiniteError
+from bilevel.errors import (BilevelError, BilevelWarning, CheckpointError, ConvergenceError, ConvergenceWarning,
+                            NonFiniteError)
 from bilevel.hypergradient import MODES, HypergradientResult, check_result, hypergradient
 from bilevel.implicit import implicit_fixed_point, implicit_root
 from bilevel.problem import BilevelProblem
@@ -18,6 +19,7 @@ __all__ = [
     "BilevelError",
     "BilevelProblem",
     "BilevelWarning",
+    "CheckpointError",
     "CUDAGraphed",
     "ConvergenceError",
     "ConvergenceWarning",
