@@ -11,7 +11,7 @@ refused re-runs, ``--overwrite``, bad counts, settings restored on resume, and
 damaged data archives.
 
 ``BILEVEL_KILL_POINTS`` sets the kills per command (default 2: one at a file
-operation, one after a delay); the figures in docs/reliability_runs.md come
+operation, one after a delay); the figures in docs/reliability.md come
 from a larger value. This file doubles as the subprocess that gets killed:
 ``python tests/test_run_safety.py <event|timer> <value> <folder> <bilevel argv...>``.
 """
