@@ -76,3 +76,23 @@ def test_adam_eps_and_the_cosine_schedule():
                          (dict(eval_bn="none"), "eval_bn must be one of")):
         with pytest.raises(ValueError, match=message):
             Config(**bad).resolved()
+
+
+def test_the_report_of_a_classification_run_gives_accuracy_chance_and_the_protocol(tmp_path):
+    from bilevel.problems.imaml.job import report
+
+    config = Config(dataset="omniglot", ways=5, out_dir=str(tmp_path)).resolved()
+    (tmp_path / "final.json").write_text("{}")
+    test = {"tasks": 600, "acc_after": 0.935, "acc_after_ci95": 0.005, "acc_before": 0.2, "acc_before_ci95": 0.01,
+            "protocol": protocol(config)}
+    final = {"config": config.to_dict(), "meta_steps": 30000, "test": test,
+             "solver_outcomes": {"warnings": 0, "adjoint": {"solves": 10, "status": {"converged": 9,
+                                 "max_iterations": 1}, "converged": 9, "converged_fraction": 0.9,
+                                 "mean_iterations": 4.5, "indefinite": 0}}}
+    lines = report(final).splitlines()
+    assert lines[0] == f"iMAML on omniglot, 30000 meta-steps. Files in {tmp_path}: final.json"
+    assert lines[1] == f"protocol: {protocol(config)}"
+    assert "after adaptation      93.5 +- 0.5" in lines[3] and "before adaptation     20.0 +- 1.0" in lines[4]
+    assert lines[5].endswith("chance                20.0")
+    assert "(cg, at most 5 iterations, the solver's default rtol on the true residual): 9 of 10 converged (90.0%)" \
+        in lines[6] and "max_iterations 1" in lines[6]
