@@ -81,9 +81,10 @@ def is_capturing(t: Tensor) -> bool:
 
 
 def values_hidden(t: Tensor) -> bool:
-    """True when Python cannot read ``t``'s values now: under ``vmap`` or during CUDA-graph
-    capture. Host-side decisions (early exits, failure checks) must then be skipped or deferred."""
-    return is_vmapped(t) or is_capturing(t)
+    """True when Python cannot read ``t``'s values now: under ``vmap``, during CUDA-graph
+    capture or while ``torch.compile`` traces. Host-side decisions (early exits, failure
+    checks) must then be skipped or deferred."""
+    return torch.compiler.is_compiling() or is_vmapped(t) or is_capturing(t)
 
 
 # ----------------------------------------------------------------- validation
@@ -192,7 +193,7 @@ def all_finished(active: Tensor, iteration: int) -> bool:
     ``maxiter`` iterations), nor when the values cannot be read at all (tracing);
     off the CPU only every ``_CHECK_EVERY`` iterations to limit device syncs.
     """
-    if is_capturing(active):
+    if is_capturing(active) or torch.compiler.is_compiling():
         return False
     if active.device.type != "cpu" and iteration % _CHECK_EVERY:
         return False
@@ -315,7 +316,7 @@ def poison(v: Tensor, status: Tensor) -> Tensor:
     ``v``'s leading dimensions). While values are readable and no system failed,
     ``v`` itself is returned."""
     bad = status == int(Status.NONFINITE)
-    if not values_hidden(v) and not bool(bad.any()):
+    if not values_hidden(v) and not values_hidden(bad) and not bool(bad.any()):
         return v
     if v.dim() > bad.dim():
         bad = bad.reshape(*bad.shape, *([1] * (v.dim() - bad.dim())))

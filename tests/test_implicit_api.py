@@ -295,3 +295,21 @@ def test_check_hypergradient_accepts_a_has_aux_function():
 
     report = check_hypergradient(ridge, lam, (X, y), outer_loss=lambda w, lam, X, y: w.pow(2).sum())
     assert report.passed, report
+
+
+def test_an_argument_the_condition_ignores_gets_a_zero_gradient_under_vmap():
+    """Its cross term is an unbatched zero while the solve's status is batched."""
+    X, y, lam = ridge_parts(3, 10, 7)
+
+    @bilevel.implicit_root(lambda w, lam, unused, X, y: torch.func.grad(inner_loss)(w, lam, X, y),
+                           solver=solvers.CG(rtol=1e-12))
+    def ridge(lam, unused, X, y):
+        return exact_ridge(lam, X, y)
+
+    ys = torch.stack([y, 2 * y])
+    loss = lambda l, u, yy: ridge(l, u, X, yy).pow(2).sum()  # noqa: E731
+    got_lam, got_unused = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(None, None, 0))(
+        lam, torch.ones(2, dtype=F64), ys)
+    want = torch.stack([torch.func.grad(lambda l: exact_ridge(l, X, yy).pow(2).sum())(lam) for yy in ys])
+    torch.testing.assert_close(got_lam, want, rtol=1e-8, atol=1e-10)
+    assert torch.equal(got_unused, torch.zeros(2, 2, dtype=F64))
