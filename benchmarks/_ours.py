@@ -4,7 +4,9 @@
 :class:`bilevel.BilevelProblem`; :func:`make` returns the meta-gradient in one of
 four forms: ``"implicit"`` (``torch.func.vmap`` over tasks, CG with exactly
 ``cg_steps`` iterations from zero), ``"implicit-graph"`` (the same, replayed as
-one CUDA graph by :class:`bilevel.CUDAGraphed`), ``"implicit-loop"`` (one task
+one CUDA graph by :class:`bilevel.CUDAGraphed`), ``"implicit-compiled"`` (the same,
+compiled whole by ``torch.compile``: K inner steps, CG and the vector-Jacobian
+products in one graph; the first call compiles), ``"implicit-loop"`` (one task
 at a time) and ``"unrolled"`` (vmapped reverse mode through the ``K`` steps).
 """
 
@@ -60,10 +62,12 @@ def make(mode: str, problem: str, theta: tuple[Tensor, ...], data: tuple[Tensor,
             return bilevel.hypergradient(prob, outer, task, mode="unrolled")
         return bilevel.hypergradient(prob, outer, task, solver=solver, on_failure="ignore")
 
-    if mode in ("implicit", "unrolled", "implicit-graph"):
+    if mode in ("implicit", "unrolled", "implicit-graph", "implicit-compiled"):
         batched = torch.func.vmap(one_task, in_dims=(None, 0))
         if mode == "implicit-graph":
             batched = bilevel.CUDAGraphed(batched)
+        elif mode == "implicit-compiled":
+            batched = torch.compile(batched, fullgraph=True)
 
         def call():
             result = bilevel.check_result(batched(theta, data), on_failure="ignore", residual_tol=None)
@@ -84,7 +88,8 @@ def make(mode: str, problem: str, theta: tuple[Tensor, ...], data: tuple[Tensor,
             return tuple(g / tasks for g in total)
 
         return call
-    raise ValueError(f"unknown mode {mode!r} for ours: implicit, implicit-graph, implicit-loop or unrolled")
+    raise ValueError(f"unknown mode {mode!r} for ours: implicit, implicit-graph, implicit-compiled, "
+                     "implicit-loop or unrolled")
 
 
 def cost_floor(problem: str, theta, data, steps: int, cg_steps: int):

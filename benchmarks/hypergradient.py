@@ -17,6 +17,8 @@ Implementations:
 * ``ours-implicit``: ``bilevel.hypergradient`` with ``CG(maxiter=cg, rtol=0)``, the
   meta-batch vectorized with ``torch.func.vmap``; ``ours-implicit-graph``: the same
   replayed as one CUDA graph (``bilevel.CUDAGraphed``; CUDA only);
+  ``ours-implicit-compiled``: the same compiled whole by ``torch.compile`` (its first
+  call is the compilation);
   ``ours-implicit-loop``: a Python loop over tasks; ``ours-unrolled``:
   ``mode="unrolled"``, vmapped;
 * ``torch-implicit`` / ``torch-unrolled``: hand-written autograd loops over tasks;
@@ -64,6 +66,7 @@ RESULTS = HERE.parent / "results"
 IMPLS = {  # name -> (kind, module the implementation needs)
     "ours-implicit": ("implicit", "bilevel"),
     "ours-implicit-graph": ("implicit", "bilevel"),
+    "ours-implicit-compiled": ("implicit", "bilevel"),
     "ours-implicit-loop": ("implicit", "bilevel"),
     "ours-unrolled": ("unrolled", "bilevel"),
     "torch-implicit": ("implicit", "torch"),
@@ -362,11 +365,11 @@ def table(rows: list[dict]) -> str:
 
 
 def summary(rows: list[dict]) -> list[str]:
-    """The issue's ratios: ours (eager and CUDA-graphed) vs torchopt, jaxopt, the cost floor; loop vs vmap."""
+    """The issue's ratios: ours (eager, CUDA-graphed, compiled) vs torchopt, jaxopt, the cost floor; loop vs vmap."""
     by = {(r["problem"], r["tasks"], r["steps"], r["impl"]): r for r in rows if "error" not in r}
     out = []
     for (problem, tasks, steps, impl), r in sorted(by.items()):
-        if impl not in ("ours-implicit", "ours-implicit-graph"):
+        if impl not in ("ours-implicit", "ours-implicit-graph", "ours-implicit-compiled"):
             continue
         parts = []
         for other in ("torchopt-implicit", "jaxopt-implicit", "floor"):

@@ -8,7 +8,7 @@ Blondel et al., NeurIPS 2022). With ``A = d_phi G(phi*, theta)``::
     A^T v = d_phi f                       # one linear solve, matrix-free
     dF/dtheta = d_theta f - (d_theta G)^T v
 
-The linearization of ``G`` at ``(phi*, theta)`` is built once (``torch.func.vjp``)
+The linearization of ``G`` at ``(phi*, theta)`` is built once (:mod:`bilevel.adjoint`)
 and every solver iteration costs one vector-Jacobian product. Memory is that of
 one inner gradient, whatever the inner optimizer did.
 
@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from bilevel.adjoint import AdjointOperator
+from bilevel.adjoint import LINEARIZATIONS, AdjointOperator, Linearization, grads_and_value, linearize
 from bilevel.errors import BilevelError, BilevelWarning
 from bilevel.policy import (OnFailure, caller_stacklevel, check_inner_residual, check_solve, host_checks_deferred,
                             require_finite, validate_on_failure)
@@ -80,6 +80,7 @@ def hypergradient(
     truncate: int | None = None,
     adjoint_x0: Tensor | None = None,
     on_failure: OnFailure = "warn",
+    linearization: Linearization = "auto",
 ) -> HypergradientResult:
     """Hypergradient of ``problem`` at ``outer``.
 
@@ -106,6 +107,11 @@ def hypergradient(
             raises :class:`~bilevel.NonFiniteError`. Under ``torch.func.vmap`` these
             checks cannot read tensor values: call :func:`check_result` on the
             vmapped result.
+        linearization: how each adjoint matvec differentiates the optimality condition
+            (``"implicit"`` mode): ``"auto"`` (default) through a retained autograd graph
+            (the double-backward Hessian-vector product) where values are readable
+            outside every ``torch.func`` transform, else ``torch.func.vjp``;
+            ``"functional"``: always ``torch.func.vjp`` (:mod:`bilevel.adjoint`).
 
     Returns:
         :class:`HypergradientResult`.
@@ -113,6 +119,8 @@ def hypergradient(
     if mode not in MODES:
         raise BilevelError(f"mode must be one of {MODES}, got {mode!r}")
     validate_on_failure(on_failure)
+    if linearization not in LINEARIZATIONS:
+        raise BilevelError(f"linearization must be one of {LINEARIZATIONS}, got {linearization!r}")
     problem._validate()
     if mode == "truncated":
         if not (isinstance(truncate, int) and 1 <= truncate <= problem.inner_steps):
@@ -139,7 +147,7 @@ def hypergradient(
                            f"{type(problem).__name__}.initial_inner(outer, data) or pass init=...")
 
     if mode == "implicit":
-        result = _implicit(problem, outer, data, init, get_solver(solver), adjoint_x0)
+        result = _implicit(problem, outer, data, init, get_solver(solver), adjoint_x0, linearization)
     elif mode == "first_order":
         result = _first_order(problem, outer, data, init)
     else:
@@ -197,7 +205,7 @@ def _residual(problem: BilevelProblem, inner: PyTree, outer: PyTree, data: Any) 
 
 def _outer_value_and_grads(problem: BilevelProblem, inner: PyTree, outer: PyTree, data: Any):
     objective = scalar_objective(problem.outer_objective, f"{type(problem).__name__}.outer_objective")
-    (d_inner, d_outer), loss = torch.func.grad_and_value(objective, argnums=(0, 1))(inner, outer, data)
+    (d_inner, d_outer), loss = grads_and_value(objective, inner, outer, data)
     return loss, d_inner, d_outer
 
 
@@ -216,9 +224,10 @@ def _solve_detached(problem: BilevelProblem, outer: PyTree, data: Any, init: PyT
 
 
 def _implicit(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | None,
-              solver: LinearSolver, adjoint_x0: Tensor | None) -> HypergradientResult:
+              solver: LinearSolver, adjoint_x0: Tensor | None,
+              linearization: Linearization) -> HypergradientResult:
     inner = _solve_detached(problem, outer, data, init)
-    residual, vjp_fn = torch.func.vjp(checked_condition(problem, data), inner, outer)
+    residual, vjp_fn = linearize(checked_condition(problem, data), inner, outer, data, linearization)
     loss, d_inner, d_outer = _outer_value_and_grads(problem, inner, outer, data)
 
     b, unravel = ravel(d_inner)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import torch
 from torch import Tensor
 
+from bilevel.adjoint import gradient
 from bilevel.errors import BilevelError
 from bilevel.policy import host_checks_deferred
 from bilevel.pytree import PyTree, check_same_structure, tree_map, tree_norm
@@ -118,10 +118,11 @@ class BilevelProblem:
     def optimality(self, inner: PyTree, outer: PyTree, data: Any) -> PyTree:
         """``G(phi, theta)``, zero at the inner solution; same structure as ``inner``.
 
-        Default: ``grad_phi inner_objective`` (via ``torch.func.grad``).
+        Default: ``grad_phi inner_objective`` (:func:`bilevel.adjoint.gradient`:
+        ``torch.autograd.grad`` outside the ``torch.func`` transforms, else ``torch.func.grad``).
         """
         objective = scalar_objective(self.inner_objective, f"{type(self).__name__}.inner_objective")
-        return torch.func.grad(objective)(inner, outer, data)
+        return gradient(objective, inner, outer, data)
 
     def inner_update(self, inner: PyTree, outer: PyTree, data: Any) -> PyTree:
         """One differentiable inner step, ``phi - inner_lr * G(phi, theta)``.
