@@ -76,5 +76,5 @@ def test_imaml_device_defaults_to_cuda_when_available(monkeypatch, tmp_path, cap
         return {"test": {}}
 
     monkeypatch.setattr(imaml_train, "train", fake_train)
-    assert cli.main(["imaml", "--out-dir", str(tmp_path), "--steps", "1"]) == 0
+    assert cli.main(["imaml", "--out-dir", str(tmp_path), "--steps", "1", "--baseline", "none"]) == 0
     assert seen["config"].device == str(resolve_device(None))

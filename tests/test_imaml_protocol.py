@@ -89,7 +89,7 @@ def test_the_report_of_a_classification_run_gives_accuracy_chance_and_the_protoc
              "solver_outcomes": {"warnings": 0, "adjoint": {"solves": 10, "status": {"converged": 9,
                                  "max_iterations": 1}, "converged": 9, "converged_fraction": 0.9,
                                  "mean_iterations": 4.5, "indefinite": 0}}}
-    lines = report(final).splitlines()
+    lines = report(final, config).splitlines()
     assert lines[0] == f"iMAML on omniglot, 30000 meta-steps. Files in {tmp_path}: final.json"
     assert lines[1] == f"protocol: {protocol(config)}"
     assert "after adaptation      93.5 +- 0.5" in lines[3] and "before adaptation     20.0 +- 1.0" in lines[4]

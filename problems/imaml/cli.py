@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
                            RESUMABLE, settings["out_dir"])
     if settings["device"] is None:  # a new run without --device
         settings["device"] = str(resolve_device(None))
-    final = run_job(Config(**settings), resume=args.resume or False, overwrite=args.overwrite)
-    print(report(final))
+    config = Config(**settings)
+    final = run_job(config, resume=args.resume or False, overwrite=args.overwrite)
+    print(report(final, config.resolved()))
     return 0

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from bilevel.problems.imaml.config import Config
-from bilevel.problems.imaml.train import CHECKPOINT, METRICS, train
+from bilevel.problems.imaml import train as training
+from bilevel.problems.imaml.train import CHECKPOINT, METRICS
 
 __all__ = ["run_job", "baseline_config", "report", "BASELINE_DIR"]
 
@@ -43,13 +44,13 @@ def run_job(config: Config, *, resume: bool | str = False, overwrite: bool = Fal
     from bilevel.problems.imaml import plots
     from bilevel.runs import write_text_atomic
 
-    final = train(config, resume=resume, overwrite=overwrite)
-    resolved = Config(**final["config"])
+    final = training.train(config, resume=resume, overwrite=overwrite)
+    resolved = config.resolved()
     if resolved.baseline != "maml":
         return final
     maml = dataclasses.replace(baseline_config(resolved), steps=final["meta_steps"], max_minutes=None)
     maml_resume = bool(resume) and (Path(maml.out_dir) / CHECKPOINT).is_file()
-    result = train(maml, resume=maml_resume, overwrite=overwrite and not maml_resume)
+    result = training.train(maml, resume=maml_resume, overwrite=overwrite and not maml_resume)
     final["baseline"] = {"method": "maml", "out_dir": maml.out_dir, "inner_steps": maml.inner_steps,
                          "lam": maml.lam, "inner_lr": maml.inner_lr, "meta_steps": result["meta_steps"],
                          "test": result["test"]}
@@ -68,12 +69,12 @@ def _interval(test: dict[str, Any], key: str, scale: float = 1.0, digits: int = 
     return f"{scale * test[key]:.{digits}f} +- {scale * test[key + '_ci95']:.{digits}f}"
 
 
-def report(final: dict[str, Any]) -> str:
-    """The lines the command prints when a run ends."""
-    config = Config(**final["config"])
+def report(final: dict[str, Any], config: Config) -> str:
+    """The lines the command prints when the run of the resolved ``config`` ends with ``final``
+    (the parts of ``final`` that are present)."""
     out, test = Path(config.out_dir), final["test"]
     files = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.endswith(".tmp"))
-    lines = [f"{_method(config)} on {config.dataset}, {final['meta_steps']} meta-steps. Files in {out}: "
+    lines = [f"{_method(config)} on {config.dataset}, {final.get('meta_steps', 0)} meta-steps. Files in {out}: "
              f"{', '.join(files)}"]
     if "protocol" in test:
         lines.append(f"protocol: {test['protocol']}")
@@ -82,7 +83,7 @@ def report(final: dict[str, Any]) -> str:
                   f"  after adaptation      {_interval(test, 'acc_after', 100, 1)}",
                   f"  before adaptation     {_interval(test, 'acc_before', 100, 1)}",
                   f"  chance                {100 / config.ways:.1f}"]
-    else:
+    elif "loss_after" in test:
         lines += [f"held-out query MSE on {test['tasks']} tasks (95% interval):",
                   f"  after adaptation      {_interval(test, 'loss_after')}",
                   f"  before adaptation     {_interval(test, 'loss_before')}",
