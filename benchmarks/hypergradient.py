@@ -18,7 +18,9 @@ Implementations:
   meta-batch vectorized with ``torch.func.vmap``; ``ours-implicit-graph``: the same
   replayed as one CUDA graph (``bilevel.CUDAGraphed``; CUDA only);
   ``ours-implicit-compiled``: the same compiled whole by ``torch.compile`` (its first
-  call is the compilation);
+  call is the compilation); ``ours-implicit-compiled-steps``: compiled in two pieces
+  (one inner step, called K times, and the implicit part), so the compilation does
+  not grow with K;
   ``ours-implicit-loop``: a Python loop over tasks; ``ours-unrolled``:
   ``mode="unrolled"``, vmapped;
 * ``torch-implicit`` / ``torch-unrolled``: hand-written autograd loops over tasks;
@@ -67,6 +69,7 @@ IMPLS = {  # name -> (kind, module the implementation needs)
     "ours-implicit": ("implicit", "bilevel"),
     "ours-implicit-graph": ("implicit", "bilevel"),
     "ours-implicit-compiled": ("implicit", "bilevel"),
+    "ours-implicit-compiled-steps": ("implicit", "bilevel"),
     "ours-implicit-loop": ("implicit", "bilevel"),
     "ours-unrolled": ("unrolled", "bilevel"),
     "torch-implicit": ("implicit", "torch"),
@@ -369,7 +372,8 @@ def summary(rows: list[dict]) -> list[str]:
     by = {(r["problem"], r["tasks"], r["steps"], r["impl"]): r for r in rows if "error" not in r}
     out = []
     for (problem, tasks, steps, impl), r in sorted(by.items()):
-        if impl not in ("ours-implicit", "ours-implicit-graph", "ours-implicit-compiled"):
+        if impl not in ("ours-implicit", "ours-implicit-graph", "ours-implicit-compiled",
+                        "ours-implicit-compiled-steps"):
             continue
         parts = []
         for other in ("torchopt-implicit", "jaxopt-implicit", "floor"):
