@@ -80,6 +80,7 @@ def test_evaluation_can_adapt_with_another_proximal_strength(tmp_path):
 
 @pytest.mark.parametrize("settings,message", [
     (dict(meta_batch=-1), r"whole numbers >= 1: \{'meta_batch': -1\}"),
+    (dict(steps=-5), r"whole numbers >= 1: \{'steps': -5\}"),
     (dict(log_every=0), r"whole numbers >= 1: \{'log_every': 0\}"),
     (dict(cg_steps=2.5), r"whole numbers >= 1: \{'cg_steps': 2.5\}"),
     (dict(chunk_size=0), r"whole numbers >= 1: \{'chunk_size': 0\}"),

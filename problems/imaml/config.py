@@ -36,7 +36,7 @@ INNER_OPTIMIZERS = ("gd", "nesterov", "armijo")
 
 # Counts that make sense only from 1 up (a None field takes its default, which is valid;
 # chunk_size None batches the whole meta-batch).
-_POSITIVE_COUNTS = ("ways", "channels", "shots", "queries", "cg_steps", "inner_steps", "meta_batch", "chunk_size",
+_POSITIVE_COUNTS = ("steps", "ways", "channels", "shots", "queries", "cg_steps", "inner_steps", "meta_batch", "chunk_size",
                     "log_every", "eval_every", "eval_tasks", "final_tasks", "checkpoint_every", "eval_queries")
 
 
