@@ -8,8 +8,8 @@ one CUDA graph by :class:`bilevel.CUDAGraphed`), ``"implicit-compiled"`` (the sa
 compiled whole by ``torch.compile``: K inner steps, CG and the vector-Jacobian
 products in one graph; the first call compiles, in a time that grows with K),
 ``"implicit-compiled-steps"`` (compiled in two pieces whose compile time does not
-grow with K: one vmapped inner step, called K times, then the implicit
-hypergradient at the K-th iterate), ``"implicit-loop"`` (one task at a time) and ``"unrolled"`` (vmapped reverse mode through the ``K`` steps).
+grow with K: ``chunk`` vmapped inner steps, called ``K / chunk`` times, then the
+implicit hypergradient at the K-th iterate), ``"implicit-loop"`` (one task at a time) and ``"unrolled"`` (vmapped reverse mode through the ``K`` steps).
 """
 
 from __future__ import annotations
@@ -54,8 +54,10 @@ class ImamlProblem(bilevel.BilevelProblem):
 
 
 def make(mode: str, problem: str, theta: tuple[Tensor, ...], data: tuple[Tensor, ...],
-         steps: int, cg_steps: int):
-    """A zero-argument callable returning the mean meta-gradient over the tasks in ``data``."""
+         steps: int, cg_steps: int, chunk: int = 1):
+    """A zero-argument callable returning the mean meta-gradient over the tasks in ``data``
+    (``chunk``: inner steps per compiled call of ``"implicit-compiled-steps"``, a divisor of
+    ``steps``)."""
     prob = ImamlProblem(problem, steps)
     solver = CG(rtol=0.0, maxiter=cg_steps)
 
@@ -78,7 +80,15 @@ def make(mode: str, problem: str, theta: tuple[Tensor, ...], data: tuple[Tensor,
 
         return call
     if mode == "implicit-compiled-steps":
-        step = torch.compile(torch.func.vmap(lambda phi, task: prob.inner_update(phi, theta, task)), fullgraph=True)
+        if steps % chunk:
+            raise ValueError(f"chunk={chunk} does not divide the {steps} inner steps")
+
+        def inner_steps(phi, task):
+            for _ in range(chunk):
+                phi = prob.inner_update(phi, theta, task)
+            return phi
+
+        step = torch.compile(torch.func.vmap(inner_steps), fullgraph=True)
         at_iterate = ImamlProblem(problem, 0)  # its solve_inner returns the given start
 
         def adjoint_one(phi, task):
@@ -89,7 +99,7 @@ def make(mode: str, problem: str, theta: tuple[Tensor, ...], data: tuple[Tensor,
 
         def call():
             phi = start
-            for _ in range(steps):
+            for _ in range(steps // chunk):
                 phi = step(phi, data)
             result = bilevel.check_result(adjoint(phi, data), on_failure="ignore", residual_tol=None)
             call.solve = result.solve

@@ -19,8 +19,8 @@ Implementations:
   replayed as one CUDA graph (``bilevel.CUDAGraphed``; CUDA only);
   ``ours-implicit-compiled``: the same compiled whole by ``torch.compile`` (its first
   call is the compilation); ``ours-implicit-compiled-steps``: compiled in two pieces
-  (one inner step, called K times, and the implicit part), so the compilation does
-  not grow with K;
+  (``--compile-chunk`` inner steps, called K / chunk times, and the implicit part), so
+  the compilation does not grow with K;
   ``ours-implicit-loop``: a Python loop over tasks; ``ours-unrolled``:
   ``mode="unrolled"``, vmapped;
 * ``torch-implicit`` / ``torch-unrolled``: hand-written autograd loops over tasks;
@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -113,7 +114,8 @@ def _build(cfg: dict, impl: str):
 
     if impl.startswith("ours-"):
         import _ours
-        return _ours.make(impl[len("ours-"):], problem, theta, data, steps, cg), block
+        chunk = math.gcd(steps, cfg.get("compile_chunk", 1))
+        return _ours.make(impl[len("ours-"):], problem, theta, data, steps, cg, chunk), block
     if impl == "torch-implicit":
         return (lambda: R.implicit(problem, theta, data, steps, cg)), block
     if impl == "torch-unrolled":
@@ -407,6 +409,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tasks", nargs="+", type=int, default=[4], help="meta-batch sizes")
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     parser.add_argument("--cg", type=int, default=5, help="CG steps of the implicit methods")
+    parser.add_argument("--compile-chunk", type=int, default=1,
+                        help="inner steps per compiled call of ours-implicit-compiled-steps (its gcd with K)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     parser.add_argument("--min-time", type=float, default=None,
@@ -456,7 +460,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for problem, tasks, steps, impls in tqdm(groups, desc="hypergradient", file=sys.stderr):
         cfg = {"impls": impls, "problem": problem, "tasks": tasks, "steps": steps, "cg": args.cg,
-               "device": device, "threads": args.threads, "seed": args.seed,
+               "device": device, "threads": args.threads, "seed": args.seed, "compile_chunk": args.compile_chunk,
                "min_time": args.min_time, "max_time": args.max_time}
         for row in run_group(cfg, args.timeout):
             grad = row.pop("grad", None)
