@@ -212,8 +212,9 @@ def test_broken_problem_definitions_are_clear_errors(case, kind, mode):
     assume(not (kind == "initial_inner too short" and mode == "unrolled"))
     problem = _broken(case, kind)
     solver = tight(FITTING[STRUCTURE[case.family]][0]) if mode == "implicit" else None
+    # 50 unrolled steps leave an inner residual up to the family's residual_tol (1e-6): compare at 1e-4.
     verdict = classify(lambda: bilevel.hypergradient(problem, case.outer, case.data, mode=mode, solver=solver),
-                       grad_vs(case), rtol=1e-6, atol=1e-9)
+                       grad_vs(case), rtol=1e-4, atol=1e-8)
     record("broken-definition", verdict)
     # Harmless where the broken method is not used: solve_inner in the unrolled mode.
     unused = kind.startswith("solve_inner") and mode == "unrolled"
