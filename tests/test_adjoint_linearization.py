@@ -143,3 +143,23 @@ def test_compiled_vmapped_hypergradient_equals_eager():
     assert torch.equal(compiled.solve.iterations, eager.solve.iterations)
     assert (eager.solve.status == int(Status.CONVERGED)).all() and eager.solve.iterations.unique().numel() > 1
     bilevel.check_result(compiled, on_failure="raise", residual_tol=None)
+
+
+def test_compiled_imaml_meta_gradient_equals_eager():
+    from bilevel.problems.imaml import IMAMLProblem, mlp_forward, mlp_init
+    from bilevel.problems.imaml.problem import meta_gradient, mse
+    from bilevel.problems.imaml.tasks import Task
+
+    g = torch.Generator().manual_seed(0)
+    problem = IMAMLProblem(mlp_forward, mse, lam=1.0, inner_lr=0.02, inner_steps=3)
+    theta = mlp_init(generator=g)
+    x = torch.rand(3, 10, 1, generator=g) * 10 - 5
+    tasks = Task(x, torch.sin(x), x + 0.1, torch.sin(x + 0.1))
+
+    def step(outer, batch):
+        return meta_gradient(problem, outer, batch)
+
+    eager = step(theta, tasks)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(theta, tasks)
+    torch.testing.assert_close(compiled.grad, eager.grad, rtol=1e-5, atol=1e-7)
+    assert torch.equal(compiled.status, eager.status) and torch.equal(compiled.iterations, eager.iterations)
