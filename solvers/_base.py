@@ -252,11 +252,11 @@ class Start:
             self.x = x0.to(dtype=b.dtype, device=b.device)
             self.r = b - op(self.x)
         self.rnorm = norm(self.r)
-        bnorm = norm(b)
+        bnorm = self.rnorm if x0 is None else norm(b)  # from zero, r is b
         self.tol = torch.clamp(rtol * bnorm, min=atol)
         batch = self.rnorm.shape
         self.iterations = torch.zeros(batch, dtype=torch.int64, device=b.device)
-        ok = finite(self.r) & finite(self.x)
+        ok = finite(self.r) if x0 is None else finite(self.r) & finite(self.x)
         status = torch.full(batch, RUNNING, dtype=torch.int64, device=b.device)
         status = mark(status, self.rnorm <= self.tol, Status.CONVERGED)
         self.status = mark(status, ~ok, Status.NONFINITE)
@@ -320,7 +320,7 @@ def poison(v: Tensor, status: Tensor) -> Tensor:
         return v
     if v.dim() > bad.dim():
         bad = bad.reshape(*bad.shape, *([1] * (v.dim() - bad.dim())))
-    return torch.where(bad, torch.full_like(v, math.nan), v)
+    return torch.where(bad, math.nan, v)
 
 
 def _numerically_singular(b: Tensor, x: Tensor, Ab: Tensor, Ax: Tensor) -> Tensor:
