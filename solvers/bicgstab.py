@@ -31,9 +31,12 @@ class BiCGSTAB(B.IterativeSolver):
     property, so the residual is not monotone. A system whose half step already
     meets the tolerance stops there.
 
-    ``Status.BREAKDOWN`` is reported when ``(r^, r)`` or ``(r^, v)`` vanishes
-    (relative to the vectors' norms, at machine precision) or ``omega`` becomes
-    0: the recurrence cannot continue; try GMRES.
+    When ``(r^, r)`` vanishes (relative to the vectors' norms, at machine precision)
+    the recurrence restarts with the current residual as the shadow ``r^`` (an
+    operator that maps part of the space to zero makes the first shadow, ``r_0``,
+    orthogonal to ``r_1``). ``Status.BREAKDOWN`` is reported when it vanishes again
+    right after a restart, when ``(r^, v)`` vanishes or when ``omega`` becomes 0: the
+    recurrence cannot continue; try GMRES.
 
     Args:
         rtol, atol: stop a system once ``||b - A x|| <= max(rtol ||b||, atol)``.
@@ -54,6 +57,7 @@ class BiCGSTAB(B.IterativeSolver):
         one = torch.ones_like(rnorm)
         rho_old, alpha, omega = one, one, one
         p = v = torch.zeros_like(r)
+        fresh = torch.ones_like(status, dtype=torch.bool)  # shadow residual just set: a restart cannot help
 
         for k in range(1, maxiter + 1):
             if B.all_finished(status == B.RUNNING, k - 1):
@@ -61,6 +65,14 @@ class BiCGSTAB(B.IterativeSolver):
             active = status == B.RUNNING
             rho = B.dot(rhat, r)
             ok_rho = rho.abs() > eps * rhat_norm * rnorm
+            # (r^, r) vanished: restart the recurrence from the current residual as the new shadow.
+            restart = active & ~ok_rho & ~fresh
+            rhat, rhat_norm = B.select(restart, r, rhat), B.select(restart, rnorm, rhat_norm)
+            rho = B.select(restart, B.dot(r, r), rho)
+            rho_old, alpha, omega = (B.select(restart, one, t) for t in (rho_old, alpha, omega))
+            p, v = B.select(restart, torch.zeros_like(p), p), B.select(restart, torch.zeros_like(v), v)
+            ok_rho = ok_rho | (restart & (rho > 0))
+            fresh = fresh | restart
             beta = B.safe_div(rho, rho_old, ok_rho) * B.safe_div(alpha, omega, ok_rho)
             p_new = r + B.vec(beta) * (p - B.vec(omega) * v)
             phat = precond(p_new)
@@ -87,6 +99,7 @@ class BiCGSTAB(B.IterativeSolver):
             status = B.mark(status, active & ~fine, Status.NONFINITE)
             status = B.mark(status, active & fine & ~(ok_rho & ok_rv), Status.BREAKDOWN)
             step = active & fine & ok_rho & ok_rv
+            fresh = fresh & ~step
             x = B.select(step, x_new, x)
             r = B.select(step, r_new, r)
             rnorm = B.select(step, rnorm_new, rnorm)

@@ -86,6 +86,19 @@ def test_gmres_converges_where_cg_fails():
         torch.testing.assert_close(res.x, torch.linalg.solve(A, b), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("A", [
+    torch.tensor([[1.0, 0.0, 0.0], [2.0, 1.0, 0.0], [0.0, 3.0, 1.0]], dtype=F64),
+    torch.eye(4, dtype=F64) + torch.diag(torch.ones(3, dtype=F64), -1),
+])
+def test_bicgstab_restarts_when_the_shadow_residual_becomes_orthogonal(A):
+    """Triangular operators (as in ADMM's fixed point) make (r_0, r_1) = 0 after one step."""
+    b = torch.zeros(A.shape[0], dtype=F64)
+    b[0] = 1.0
+    res = BiCGSTAB(rtol=1e-10)(mv(A), b)
+    assert res.all_converged, res.failures()
+    torch.testing.assert_close(res.x, torch.linalg.solve(A, b), rtol=1e-9, atol=1e-12)
+
+
 def test_bicgstab_breakdown():
     A = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=F64)
     b = torch.tensor([1.0, 0.0], dtype=F64)
