@@ -146,6 +146,18 @@ def test_imaml_on_two_processes_ends_as_on_one_and_resumes_across_world_sizes(tm
     assert_same_run(tmp_path / "one", tmp_path / "one-then-two")
 
 
+def test_the_main_job_with_its_maml_baseline_under_torchrun_writes_once(tmp_path):
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "bilevel", "imaml",
+            "--steps", "2", "--out-dir", str(tmp_path / "run"),
+            *[a for a in IMAML_TINY if a not in ("--baseline", "none")], "--baseline", "maml"]
+    done = subprocess.run([sys.executable, *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("MAML baseline") == 1  # rank 0 alone reports
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert "solver_outcomes" in final and final["baseline"]["meta_steps"] == 2
+
+
 def test_more_processes_than_tasks_is_refused(tmp_path):
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "bilevel", "imaml", "--steps", "2", "--out-dir", str(tmp_path / "run"), *IMAML_TINY,

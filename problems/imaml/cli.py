@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 __all__ = ["register", "run"]
 
@@ -137,5 +138,6 @@ def run(args: argparse.Namespace) -> int:
         settings["device"] = str(resolve_device(None))
     config = Config(**settings)
     final = run_job(config, resume=args.resume or False, overwrite=args.overwrite)
-    print(report(final, config.resolved()))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports
+        print(report(final, config.resolved()))
     return 0

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bilevel import distributed
 from bilevel.problems.imaml.config import Config
 from bilevel.problems.imaml import train as training
 from bilevel.problems.imaml.train import CHECKPOINT, METRICS
@@ -44,16 +45,19 @@ def run_job(config: Config, *, resume: bool | str = False, overwrite: bool = Fal
     from bilevel.problems.imaml import plots
     from bilevel.runs import write_text_atomic
 
-    final = training.train(config, resume=resume, overwrite=overwrite)
     resolved = config.resolved()
+    ctx = distributed.init(resolved.device)  # under torchrun both runs are sharded; rank 0 writes
+    final = training.train(config, resume=resume, overwrite=overwrite, ctx=ctx)
     if resolved.baseline != "maml":
         return final
     maml = dataclasses.replace(baseline_config(resolved), steps=final["meta_steps"], max_minutes=None)
     maml_resume = bool(resume) and (Path(maml.out_dir) / CHECKPOINT).is_file()
-    result = training.train(maml, resume=maml_resume, overwrite=overwrite and not maml_resume)
+    result = training.train(maml, resume=maml_resume, overwrite=overwrite and not maml_resume, ctx=ctx)
     final["baseline"] = {"method": "maml", "out_dir": maml.out_dir, "inner_steps": maml.inner_steps,
                          "lam": maml.lam, "inner_lr": maml.inner_lr, "meta_steps": result["meta_steps"],
                          "test": result["test"]}
+    if not ctx.is_main:
+        return final
     out = Path(resolved.out_dir)
     write_text_atomic(out / "final.json", json.dumps(final, indent=2) + "\n")
     plots.learning_curves(out / METRICS, out / "learning_curves.png", classification=resolved.dataset == "omniglot",
