@@ -2,14 +2,17 @@
 
 ``ImamlProblem`` is the proximal inner problem of :mod:`_tasks` as a
 :class:`bilevel.BilevelProblem`; :func:`make` returns the meta-gradient in one of
-four forms: ``"implicit"`` (``torch.func.vmap`` over tasks, CG with exactly
+these forms: ``"implicit"`` (``torch.func.vmap`` over tasks, CG with exactly
 ``cg_steps`` iterations from zero), ``"implicit-graph"`` (the same, replayed as
 one CUDA graph by :class:`bilevel.CUDAGraphed`), ``"implicit-compiled"`` (the same,
 compiled whole by ``torch.compile``: K inner steps, CG and the vector-Jacobian
 products in one graph; the first call compiles, in a time that grows with K),
 ``"implicit-compiled-steps"`` (compiled in two pieces whose compile time does not
 grow with K: ``chunk`` vmapped inner steps, called ``K / chunk`` times, then the
-implicit hypergradient at the K-th iterate), ``"implicit-loop"`` (one task at a time) and ``"unrolled"`` (vmapped reverse mode through the ``K`` steps).
+implicit hypergradient at the K-th iterate), ``"implicit-loop"`` (one task at a
+time), ``"implicit-compiled-loop"`` (one task at a time, each call compiled by
+``torch.compile``; one compilation serves every task) and ``"unrolled"`` (vmapped
+reverse mode through the ``K`` steps).
 """
 
 from __future__ import annotations
@@ -106,13 +109,14 @@ def make(mode: str, problem: str, theta: tuple[Tensor, ...], data: tuple[Tensor,
             return tuple(g.mean(0) for g in result.grad)
 
         return call
-    if mode == "implicit-loop":
+    if mode in ("implicit-loop", "implicit-compiled-loop"):
         tasks = data[0].shape[0]
+        per_task = torch.compile(one_task, fullgraph=True) if mode == "implicit-compiled-loop" else one_task
 
         def call():
             total, solves = None, []
             for i in range(tasks):
-                result = one_task(theta, tuple(d[i] for d in data))
+                result = per_task(theta, tuple(d[i] for d in data))
                 solves.append(result.solve)
                 total = result.grad if total is None else tuple(a + b for a, b in zip(total, result.grad))
             call.solves = solves
@@ -120,7 +124,7 @@ def make(mode: str, problem: str, theta: tuple[Tensor, ...], data: tuple[Tensor,
 
         return call
     raise ValueError(f"unknown mode {mode!r} for ours: implicit, implicit-graph, implicit-compiled, "
-                     "implicit-compiled-steps, implicit-loop or unrolled")
+                     "implicit-compiled-steps, implicit-loop, implicit-compiled-loop or unrolled")
 
 
 def cost_floor(problem: str, theta, data, steps: int, cg_steps: int):

@@ -21,7 +21,8 @@ Implementations:
   call is the compilation); ``ours-implicit-compiled-steps``: compiled in two pieces
   (``--compile-chunk`` inner steps, called K / chunk times, and the implicit part), so
   the compilation does not grow with K;
-  ``ours-implicit-loop``: a Python loop over tasks; ``ours-unrolled``:
+  ``ours-implicit-loop``: a Python loop over tasks; ``ours-implicit-compiled-loop``: that
+  loop with each task's hypergradient compiled (one compilation for all tasks); ``ours-unrolled``:
   ``mode="unrolled"``, vmapped;
 * ``torch-implicit`` / ``torch-unrolled``: hand-written autograd loops over tasks;
 * ``torchopt-implicit``, ``higher-unrolled``, ``jaxopt-implicit`` (jit): the peers,
@@ -72,6 +73,7 @@ IMPLS = {  # name -> (kind, module the implementation needs)
     "ours-implicit-compiled": ("implicit", "bilevel"),
     "ours-implicit-compiled-steps": ("implicit", "bilevel"),
     "ours-implicit-loop": ("implicit", "bilevel"),
+    "ours-implicit-compiled-loop": ("implicit", "bilevel"),
     "ours-unrolled": ("unrolled", "bilevel"),
     "torch-implicit": ("implicit", "torch"),
     "torch-unrolled": ("unrolled", "torch"),
