@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 from bilevel.adjoint import gradient
 from bilevel.errors import BilevelError
 from bilevel.policy import host_checks_deferred
-from bilevel.pytree import PyTree, check_same_structure, tree_map, tree_norm
+from bilevel.pytree import PyTree, check_same_structure, tree_norm
 
 __all__ = ["BilevelProblem", "checked_condition", "scalar_objective"]
 
@@ -132,8 +133,12 @@ class BilevelProblem:
         The ``"unrolled"`` and ``"truncated"`` modes differentiate through it.
         """
         step = self.optimality(inner, outer, data)
-        check_same_structure(inner, step, f"{type(self).__name__}.optimality's output", "the inner parameters")
-        return tree_map(lambda p, g: p - self.inner_lr * g, inner, step)
+        # One flatten each serves the structure check and the update (this runs at every inner step).
+        leaves, spec = pytree.tree_flatten(inner)
+        steps, step_spec = pytree.tree_flatten(step)
+        if step_spec != spec or any(not isinstance(g, Tensor) or g.shape != p.shape for p, g in zip(leaves, steps)):
+            check_same_structure(inner, step, f"{type(self).__name__}.optimality's output", "the inner parameters")
+        return pytree.tree_unflatten([p - self.inner_lr * g for p, g in zip(leaves, steps)], spec)
 
     def solve_inner(self, outer: PyTree, data: Any, init: PyTree) -> PyTree:
         """Approximate ``phi*``: up to ``inner_steps`` of :meth:`inner_update` from ``init``.

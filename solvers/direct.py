@@ -83,7 +83,7 @@ class Direct:
                             device=b.device)
         status = B.mark(status, rnorm <= tol, Status.CONVERGED)
         status = B.mark(status, ~usable | ~torch.isfinite(rnorm) | ~B.finite(b), Status.NONFINITE)
-        x = B.select(status == int(Status.NONFINITE), torch.full_like(x, float("nan")), x)
+        x = B.poison(x, status)
         return SolveResult(x=x, converged=status == int(Status.CONVERGED),
                            iterations=torch.zeros_like(status), residual_norm=rnorm,
                            status=status)
