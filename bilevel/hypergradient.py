@@ -146,17 +146,18 @@ def hypergradient(
         raise BilevelError(f"mode={mode!r} differentiates through the inner starting point: define "
                            f"{type(problem).__name__}.initial_inner(outer, data) or pass init=...")
 
+    d_inner = None
     if mode == "implicit":
         result = _implicit(problem, outer, data, init, get_solver(solver), adjoint_x0, linearization)
     elif mode == "first_order":
-        result = _first_order(problem, outer, data, init)
+        result, d_inner = _first_order(problem, outer, data, init)
     else:
         result = _unrolled(problem, outer, data, init, truncate if mode == "truncated" else None)
 
     if not host_checks_deferred(outer, data, result.outer_loss):
         check_result(result, on_failure=on_failure, residual_tol=problem.residual_tol)
-        if mode == "first_order" and on_failure != "ignore":
-            _warn_if_first_order_dropped(result, problem, outer, data)
+        if d_inner is not None and on_failure != "ignore":
+            _warn_if_first_order_dropped(result.grad, d_inner)
     return result
 
 
@@ -242,7 +243,9 @@ def _implicit(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | 
     return HypergradientResult(grad, inner, loss.detach(), tree_norm(residual).detach(), solve)
 
 
-def _first_order(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | None) -> HypergradientResult:
+def _first_order(problem: BilevelProblem, outer: PyTree, data: Any,
+                 init: PyTree | None) -> tuple[HypergradientResult, PyTree]:
+    """The first-order result, and ``d_phi f`` at ``phi*`` (for the dropped-path warning)."""
     inner = _solve_detached(problem, outer, data, init)
     loss, d_inner, d_outer = _outer_value_and_grads(problem, inner, outer, data)
     if not host_checks_deferred(d_inner):  # dropped below when the start does not depend on theta
@@ -252,16 +255,15 @@ def _first_order(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree
         _, init_vjp = torch.func.vjp(lambda o: problem.initial_inner(o, data), outer)
         (through_init,) = init_vjp(d_inner)
         d_outer = tree_map(torch.add, d_outer, through_init)
-    return HypergradientResult(d_outer, inner, loss.detach(), _residual(problem, inner, outer, data))
+    return HypergradientResult(d_outer, inner, loss.detach(), _residual(problem, inner, outer, data)), d_inner
 
 
-def _warn_if_first_order_dropped(result: HypergradientResult, problem: BilevelProblem, outer: PyTree,
-                                 data: Any) -> None:
-    """Warn when a first-order hypergradient is exactly zero although ``f`` depends on ``phi``:
-    the inner start does not depend on ``theta``, so the whole indirect term was dropped."""
-    if any(bool(leaf.count_nonzero()) for leaf in tree_leaves(result.grad)):
+def _warn_if_first_order_dropped(grad: PyTree, d_inner: PyTree) -> None:
+    """Warn when a first-order hypergradient is exactly zero although ``f`` depends on ``phi``
+    (``d_inner = d_phi f`` is not zero): the inner start does not depend on ``theta``, so the
+    whole indirect term was dropped."""
+    if any(bool(leaf.count_nonzero()) for leaf in tree_leaves(grad)):
         return
-    _, d_inner, _ = _outer_value_and_grads(problem, result.inner, outer, data)
     if any(bool(leaf.count_nonzero()) for leaf in tree_leaves(d_inner)):
         warnings.warn(
             "mode='first_order' returned an all-zero hypergradient although the outer loss depends on "
