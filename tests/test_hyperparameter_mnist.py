@@ -9,6 +9,8 @@ import gzip
 import shutil
 import struct
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -34,7 +36,9 @@ def test_data_root_precedence(monkeypatch, tmp_path):
     assert data_root() == tmp_path / "env"
     assert mnist_dir() == tmp_path / "env" / "mnist"
     monkeypatch.delenv("BILEVEL_DATA_DIR")
-    monkeypatch.chdir(tmp_path)  # no shared/data above it
+    root = tmp_path.anchor  # the temporary folder may lie below a shared/data; the root has none
+    assert not (Path(root) / "shared" / "data").is_dir()
+    monkeypatch.chdir(root)
     assert data_root().parts[-3:] == (".cache", "bilevel", "data")
 
 
