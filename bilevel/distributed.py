@@ -14,13 +14,14 @@ an approximation. Each rank
 The optimizer state stays replicated (every rank applies the same update) and
 :meth:`Context.check_replicas` raises when replicas drift apart. Rank 0 writes
 files; the others wait at :meth:`Context.barrier`. For bitwise agreement with a
-one-process run, :meth:`Context.gather` collects the per-task values in global
-task order so that the reduction itself runs on the same tensor everywhere.
+one-process run (exact mode), :meth:`Context.gather` collects the per-task values in
+global task order and :meth:`Context.ordered_mean` averages them, so that the
+reduction itself runs on the same tensor everywhere.
 
 No ``nn.Module`` or DDP is involved: the library's gradients come from
 ``torch.func`` over dicts of tensors, which DDP's hooks cannot see. Launch with
-``torchrun --standalone --nproc_per_node N -m bilevel imaml ...``; see
-``docs/distributed.md``.
+``torchrun --standalone --nproc_per_node N -m bilevel imaml ...`` (or ``bilevel fair``);
+see ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -150,6 +151,18 @@ class Context:
         sizes = [len(range(global_batch)[shard(global_batch, r, self.world_size)]) for r in range(self.world_size)]
         rows = [piece[:size] for piece, size in zip(pieces, sizes)]
         return unravel_one(torch.cat(rows))
+
+    def ordered_mean(self, per_task: PyTree, global_batch: int) -> PyTree:
+        """Exact mode's mean over the meta-batch: every task's leaves (leading dimension = this
+        rank's shard) gathered in global task order, then averaged over the tasks on every rank.
+
+        The average runs on the same ``(global_batch, ...)`` tensors as in a one-process
+        run, so the result is bitwise that run's when each task's values are computed
+        alike (one task per kernel call: see ``docs/distributed.md``). It sends every
+        task's values instead of one sum per rank.
+        """
+        everyone = self.gather(per_task, global_batch)
+        return torch.utils._pytree.tree_map(lambda v: v.contiguous().mean(0), everyone)
 
     def check_replicas(self, tree: PyTree, what: str = "the meta-parameters") -> None:
         """Raise :class:`DistributedError` unless ``tree`` is bitwise the same on every rank."""

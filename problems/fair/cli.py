@@ -14,10 +14,15 @@ Example::
 An output folder that holds a comparison is refused unless --resume continues it
 or --overwrite deletes it. The settings are kept in ``<out-dir>/run.pt``; --resume
 restores them, and flags given with it must match, except --device, --data-dir,
---checkpoint-every and --no-progress. Finished runs are taken from
+--checkpoint-every, --exact and --no-progress. Finished runs are taken from
 ``results.jsonl``, the others continue from their checkpoints. A damaged
 checkpoint is named with the way out: --resume previous (the previous
 checkpoints, kept beside them) or --overwrite.
+
+Under ``torchrun --standalone --nproc_per_node N -m bilevel fair ...`` every
+process trains and evaluates its shard of the tasks and rank 0 alone writes and
+prints; the results are those of one process (to round-off; bitwise with --exact),
+and a comparison resumes on any number of processes (see docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ __all__ = ["register", "run", "SETTINGS", "RESUMABLE"]
 
 SETTINGS = "run.pt"
 """The comparison's settings, written (as a checkpoint) before its first run starts."""
-RESUMABLE = ("device", "data_dir", "no_progress", "checkpoint_every")
+RESUMABLE = ("device", "data_dir", "no_progress", "checkpoint_every", "exact")
 """Settings that may change when a comparison is resumed; the others must match ``run.pt``."""
 
 
@@ -87,11 +92,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", dest="out", default="runs/fair", help="output folder (default runs/fair)")
     p.add_argument("--out", dest="out", default="runs/fair", help=argparse.SUPPRESS)  # deprecated spelling
     add_run_flags(p, "the checkpoints in --out")
+    p.add_argument("--exact", action="store_true",
+                   help="compute each task alone and average the per-task meta-gradients in task order: the "
+                        "same results bitwise on any number of processes (torchrun), at some cost in speed")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from bilevel import distributed
     from bilevel.checkpoint import file_patterns, load_for_resume
     from bilevel.checkpoint import save as save_checkpoint
     from bilevel.devices import resolve_device
@@ -111,21 +120,27 @@ def run(args: argparse.Namespace) -> int:
         settings = restore(saved, settings, given_flags(args), RESUMABLE, out)
     args = argparse.Namespace(**settings)  # the restored settings from here on
     device = resolve_device(args.device)
+    ctx = distributed.init(device)  # under torchrun: each rank trains its shard, rank 0 writes
+    device = ctx.device  # on CUDA, this rank's GPU
     tasks = load_tasks(args.dataset, args.data_dir, min_rows=args.k_shot + args.n_query)
     train_tasks, test_tasks = (to_device(part, device) for part in split_tasks(tasks, args.test_fraction, args.seed))
     patterns = (*file_patterns(SETTINGS), *output_patterns("results.jsonl", "tradeoff.png"),
                 *(pattern for m in METHODS for tag in (m, f"{m}_c*") for pattern in run_patterns(tag)))
-    prepare_output(out, patterns, resume=bool(args.resume), overwrite=args.overwrite)
-    if not args.resume:  # before any run starts, so that every comparison folder can be resumed
-        save_checkpoint({"settings": {k: v for k, v in settings.items() if k not in ("out", "resume", "overwrite")}},
-                        out / SETTINGS)
-    print(f"{args.dataset}: {len(train_tasks)} meta-train tasks, {len(test_tasks)} meta-test tasks, "
-          f"{tasks[0].x.shape[1]} features, on {device}")
+    if ctx.is_main:
+        prepare_output(out, patterns, resume=bool(args.resume), overwrite=args.overwrite)
+        if not args.resume:  # before any run starts, so that every comparison folder can be resumed
+            save_checkpoint({"settings": {k: v for k, v in settings.items()
+                                          if k not in ("out", "resume", "overwrite")}}, out / SETTINGS)
+        where = f"{ctx.world_size} processes" if ctx.distributed else str(device)
+        print(f"{args.dataset}: {len(train_tasks)} meta-train tasks, {len(test_tasks)} meta-test tasks, "
+              f"{tasks[0].x.shape[1]} features, on {where}")
+    ctx.barrier()
     results_path = out / "results.jsonl"
     done = {}
     if args.resume:  # finished runs; a record cut short by a kill is dropped (its run is evaluated again)
         done = {rec["run"]: rec for rec in read_records(results_path)}
-        write_records(results_path, done.values())
+        if ctx.is_main:
+            write_records(results_path, done.values())
     records = []
     for method in args.methods:
         for c in (args.c if method in ("fair", "pdfm") else [None]):
@@ -141,11 +156,14 @@ def run(args: argparse.Namespace) -> int:
                 records.append(done[tag])
                 continue
             outer = train(cfg, train_tasks, out, resume=args.resume or False, progress=not args.no_progress,
-                          tag=tag)
-            ev = evaluate(cfg, outer, test_tasks, episodes=args.episodes, seed=args.seed + 1)
+                          tag=tag, ctx=ctx, exact=args.exact)
+            ev = evaluate(cfg, outer, test_tasks, episodes=args.episodes, seed=args.seed + 1, ctx=ctx,
+                          exact=args.exact)
             rec = {"run": tag, "dataset": args.dataset, "method": method, "c": c, "k_shot": args.k_shot,
                    "steps": args.steps, **ev}
             records.append(rec)
+            if not ctx.is_main:
+                continue
             with open(results_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             s = ev["summary"]
@@ -157,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
             if ev["indefinite"]["count"]:
                 print(f"{tag:>14}: {ev['indefinite']['count']} of {ev['indefinite']['of']} adapted saddle points "
                       "are indefinite in w (raise --prox)")
-    tradeoff_plot(records, out / "tradeoff.png", title=f"{args.dataset}, {args.k_shot}-shot")
-    print(f"wrote {results_path} and {out / 'tradeoff.png'}")
+    if ctx.is_main:
+        tradeoff_plot(records, out / "tradeoff.png", title=f"{args.dataset}, {args.k_shot}-shot")
+        print(f"wrote {results_path} and {out / 'tradeoff.png'}")
+    ctx.barrier()
     return 0

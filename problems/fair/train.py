@@ -12,6 +12,17 @@ each step: tasks whose system is indefinite are counted, logged and warned about
 checked on load, the previous one kept as ``<run>.prev.pt``) and ``resume``
 continues exactly (the parameters, Adam's state and the episode sampler's state
 are restored).
+
+Under ``torchrun`` (:mod:`bilevel.distributed`) every rank draws the whole
+meta-batch from the same generator and computes its contiguous shard of the
+tasks; the per-task meta-gradients are summed locally and averaged by one
+all-reduce over the global meta-batch, and the per-task values that the log,
+the curvature check and PDFM's meta dual step need are gathered in global task
+order. The optimizer is replicated (the replicas are compared at every
+checkpoint), rank 0 alone writes, and evaluation shards each task's episodes.
+Checkpoints do not depend on the number of processes, so a run resumes on
+another. ``exact=True`` computes each task alone and averages the per-task
+meta-gradients in task order: bitwise the same run on any number of processes.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ from typing import Any
 import torch
 
 import bilevel
-from bilevel import BilevelProblem
+from bilevel import BilevelProblem, distributed
 from bilevel.checkpoint import file_patterns, load_for_resume, previous_path
 from bilevel.checkpoint import save as save_checkpoint
 from bilevel.runs import output_patterns, prepare_output, read_records, write_records
@@ -122,25 +133,50 @@ def _leaves(outer: dict) -> list[torch.Tensor]:
     return [outer["theta"]["w"], outer["theta"]["b"], outer["lambda0"]]
 
 
-def indefinite_count(method: Method, outer: dict, data: dict, inner: dict) -> tuple[int, float]:
-    """For the fair method: how many of the (vmapped) tasks in ``data`` have an indefinite
-    saddle-point system at ``inner`` (:meth:`FairMetaProblem.curvature` ``<= 0``), and the
-    smallest curvature; ``(0, nan)`` for the other methods."""
+def curvatures(method: Method, outer: dict, data: dict, inner: dict,
+               chunk_size: int | None = None) -> torch.Tensor | None:
+    """For the fair method: :meth:`FairMetaProblem.curvature` of every (vmapped) task in ``data``
+    at ``inner``, where ``<= 0`` marks an indefinite saddle-point system; ``None`` for the others."""
     if not isinstance(method.problem, FairMetaProblem):
-        return 0, float("nan")
-    curvature = torch.func.vmap(lambda i, d: method.problem.curvature(i, outer, d))(inner, data)
-    return int((curvature <= 0).sum()), float(curvature.min())
+        return None
+    return torch.func.vmap(lambda i, d: method.problem.curvature(i, outer, d), chunk_size=chunk_size)(inner, data)
 
 
-def meta_step(method: Method, outer: dict, batch: dict) -> bilevel.HypergradientResult:
-    """Hypergradients of every task in ``batch``, vmapped; failure policy applied after."""
+def meta_step(method: Method, outer: dict, batch: dict, chunk_size: int | None = None) -> bilevel.HypergradientResult:
+    """Hypergradients of every task in ``batch``, vmapped (``chunk_size`` tasks at a time, ``None``:
+    all); failure policy applied after."""
     kwargs = {"solver": method.solver} if method.mode == "implicit" else {}
 
     def one(data: dict) -> bilevel.HypergradientResult:
         return bilevel.hypergradient(method.problem, outer, data, mode=method.mode, **kwargs)
 
-    result = torch.func.vmap(one)(batch)
+    result = torch.func.vmap(one, chunk_size=chunk_size)(batch)
     return bilevel.check_result(result, on_failure="warn", residual_tol=method.problem.residual_tol)
+
+
+def _per_task(cfg: Config, method: Method, outer: dict, data: dict, result: bilevel.HypergradientResult,
+              logging: bool, chunk_size: int | None) -> dict[str, torch.Tensor]:
+    """The per-task values a step needs beyond the meta-gradient: the curvature (fair method),
+    the query DBC of PDFM's meta dual step and, at a log step, the logged diagnostics."""
+    values = {}
+    curvature = curvatures(method, outer, data, result.inner, chunk_size)
+    if curvature is not None:
+        values["curvature"] = curvature
+    if cfg.method == "pdfm":
+        values["dbc"] = torch.func.vmap(probability_dbc, chunk_size=chunk_size)(result.inner, data["xq"], data["zq"])
+    if logging:
+        values.update(outer_loss=result.outer_loss, inner_residual=result.inner_residual)
+        if result.solve is not None:
+            values.update(iterations=result.solve.iterations, converged=result.solve.converged)
+    return values
+
+
+def _trained_gradients(cfg: Config, grad: dict) -> list[torch.Tensor]:
+    """The per-task gradients of the leaves Adam trains (PDFM's ``lambda0`` takes its dual step instead)."""
+    per_task = [grad["theta"]["w"], grad["theta"]["b"]]
+    if cfg.method == "fair":
+        per_task.append(grad["lambda0"])
+    return per_task
 
 
 def _detached(tree: Any) -> Any:
@@ -158,7 +194,7 @@ def _log(path: Path, record: dict) -> None:
 
 
 def train(cfg: Config, tasks: list[Task], out: Path, *, resume: bool | str = False, progress: bool = True,
-          tag: str | None = None) -> dict:
+          tag: str | None = None, ctx: distributed.Context | None = None, exact: bool = False) -> dict:
     """Meta-train ``cfg.method`` on ``tasks``; returns the outer parameters.
 
     Writes ``out/<tag>.jsonl`` (one record every ``log_every`` steps) and the
@@ -167,12 +203,23 @@ def train(cfg: Config, tasks: list[Task], out: Path, *, resume: bool | str = Fal
     and log records after it are dropped; without, existing files of the run
     ``tag`` are refused (``FileExistsError``). Runs on the device of the tasks'
     tensors (see :func:`~bilevel.problems.fair.data.to_device`).
+
+    Under ``torchrun`` (or with ``ctx``) each rank computes its shard of every
+    meta-batch and rank 0 alone writes; the run is the one-process run's to
+    round-off, and bitwise with ``exact`` (each task computed alone, the per-task
+    meta-gradients averaged in global task order), whatever the number of processes.
     """
+    device = tasks[0].x.device
+    ctx = ctx or distributed.init(device)
+    if cfg.meta_batch < ctx.world_size:
+        raise ValueError(f"--meta-batch {cfg.meta_batch} is smaller than the {ctx.world_size} processes: "
+                         "every process needs a task; raise --meta-batch or start fewer processes")
     tag = tag or f"{cfg.method}_c{cfg.c:g}"
-    prepare_output(out, run_patterns(tag), resume=bool(resume), overwrite=False)
+    if ctx.is_main:
+        prepare_output(out, run_patterns(tag), resume=bool(resume), overwrite=False)
+    ctx.barrier()
     log_path, ckpt_path = out / f"{tag}.jsonl", out / f"{tag}.pt"
     method = build_method(cfg)
-    device = tasks[0].x.device
     outer = initial_outer(tasks[0].x.shape[1], cfg, device)
     leaves = _leaves(outer)
     for t in leaves:
@@ -192,60 +239,75 @@ def train(cfg: Config, tasks: list[Task], out: Path, *, resume: bool | str = Fal
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         start, indefinite = state["step"], state.get("indefinite", 0)
-        write_records(log_path, read_records(log_path, upto=start))
-    elif log_path.exists():
+        if ctx.is_main:
+            write_records(log_path, read_records(log_path, upto=start))
+    elif log_path.exists() and ctx.is_main:
         log_path.unlink()
+    ctx.barrier()
 
     from tqdm import tqdm
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=tag, disable=not progress)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=tag,
+               disable=not (progress and ctx.is_main))
+    chunk = 1 if exact else None  # exact: one task per vmap call, whatever the tasks beside it
     t0 = time.time()
     for step in bar:
         batch = sample_episodes(tasks, cfg.meta_batch, cfg.k_shot, cfg.n_query, generator)
+        mine = ctx.take(batch, cfg.meta_batch)
         params = {"theta": {"w": leaves[0], "b": leaves[1]}, "lambda0": leaves[2]}
         detached = {k: _detached(v) for k, v in params.items()}
         if cfg.method in ("imaml", "maml"):  # they ignore lambda0; it is not passed, and its gradient is 0
             detached = {"theta": detached["theta"]}
-        result = meta_step(method, detached, batch)
-        bad, curvature = indefinite_count(method, detached, batch, result.inner)
-        if bad:
+        result = meta_step(method, detached, mine, chunk)
+        logging = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+        per_task = _per_task(cfg, method, detached, mine, result, logging, chunk)
+        shared = ctx.gather(per_task, cfg.meta_batch) if per_task else {}
+        grads = _trained_gradients(cfg, result.grad)
+        if exact:
+            grads = ctx.ordered_mean(grads, cfg.meta_batch)
+        else:  # one all-reduce of the per-rank sums, divided by the whole meta-batch
+            grads = ctx.mean_of_sums([g.sum(0) for g in grads], cfg.meta_batch)
+        if len(grads) < len(trained):
+            grads.append(torch.zeros_like(leaves[2]))
+        if "curvature" in shared and (bad := int((shared["curvature"] <= 0).sum())):
             indefinite += bad
-            warnings.warn(f"{tag}, step {step + 1}: {bad} of {cfg.meta_batch} tasks have an indefinite saddle-point "
-                          f"system (smallest curvature {curvature:.3g}); their meta-gradients are those of a "
-                          "stationary point that is not a local minimizer in w: raise --prox", IndefiniteWarning)
-        g = result.grad
-        grads = [g["theta"]["w"].mean(0), g["theta"]["b"].mean(0),
-                 g["lambda0"].mean(0) if "lambda0" in g else torch.zeros_like(leaves[2])]
+            if ctx.is_main:
+                warnings.warn(f"{tag}, step {step + 1}: {bad} of {cfg.meta_batch} tasks have an indefinite "
+                              f"saddle-point system (smallest curvature {float(shared['curvature'].min()):.3g}); "
+                              "their meta-gradients are those of a stationary point that is not a local "
+                              "minimizer in w: raise --prox", IndefiniteWarning)
         optimizer.zero_grad()
         for t, g in zip(trained, grads):
             t.grad = g
         optimizer.step()
         if cfg.method == "pdfm":
-            dbc_q = torch.func.vmap(probability_dbc)(result.inner, batch["xq"], batch["zq"])
             with torch.no_grad():
                 bound = dbc_bound(cfg.c, batch["zq"])
-                leaves[2].copy_(pdfm_dual_step(leaves[2], dbc_q, bound, cfg.pdfm_meta_dual_lr))
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                leaves[2].copy_(pdfm_dual_step(leaves[2], shared["dbc"], bound, cfg.pdfm_meta_dual_lr))
+        if logging and ctx.is_main:
             record = {"step": step + 1, "method": cfg.method, "c": cfg.c,
-                      "outer_loss": float(result.outer_loss.mean()),
-                      "inner_residual": float(result.inner_residual.max()),
+                      "outer_loss": float(shared["outer_loss"].mean()),
+                      "inner_residual": float(shared["inner_residual"].max()),
                       "lambda0": float(leaves[2].detach()), "seconds": round(time.time() - t0, 2),
                       "indefinite_total": indefinite}
-            if isinstance(method.problem, FairMetaProblem):
-                record["min_curvature"] = curvature
-            if result.solve is not None:
-                record["solver_iterations"] = float(result.solve.iterations.float().mean())
-                record["solver_converged"] = float(result.solve.converged.float().mean())
+            if "curvature" in shared:
+                record["min_curvature"] = float(shared["curvature"].min())
+            if "iterations" in shared:
+                record["solver_iterations"] = float(shared["iterations"].float().mean())
+                record["solver_converged"] = float(shared["converged"].float().mean())
             _log(log_path, record)
             bar.set_postfix(loss=f"{record['outer_loss']:.3f}")
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint({"step": step + 1, "config": asdict(cfg), "leaves": [t.detach() for t in leaves],
-                             "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                             "indefinite": indefinite}, ckpt_path)
+            ctx.check_replicas([t.detach() for t in leaves])
+            if ctx.is_main:
+                save_checkpoint({"step": step + 1, "config": asdict(cfg), "leaves": [t.detach() for t in leaves],
+                                 "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                                 "indefinite": indefinite}, ckpt_path)
+            ctx.barrier()
     return {"theta": {"w": leaves[0].detach(), "b": leaves[1].detach()}, "lambda0": leaves[2].detach()}
 
 
 def evaluate(cfg: Config, outer: dict, tasks: list[Task], *, episodes: int = 20, seed: int = 1,
-             adapt_with: Config | None = None) -> dict:
+             adapt_with: Config | None = None, ctx: distributed.Context | None = None, exact: bool = False) -> dict:
     """Adapt on ``k_shot`` support rows of each meta-test task and score every other row.
 
     ``adapt_with`` adapts with another method's problem from the same ``outer`` (e.g. iMAML's
@@ -257,19 +319,37 @@ def evaluate(cfg: Config, outer: dict, tasks: list[Task], *, episodes: int = 20,
     the constant predictor of the support's majority label (``"constant_accuracy"`` per
     episode, for the mixing line) and, for the fair method, the count of indefinite
     saddle-point systems.
+
+    Under several processes (``ctx``) each adapts its shard of every task's episodes; the
+    scores are gathered in episode order and every rank returns the same figures (bitwise
+    those of one process with ``exact``, which adapts one episode per vmap call).
     """
+    ctx = ctx or distributed.single_process(tasks[0].x.device)
     method = build_method(adapt_with or cfg)
     generator = torch.Generator().manual_seed(seed)
     per_episode: dict[str, list[torch.Tensor]] = {m: [] for m in METRICS}
     per_task, by_episode, indefinite, checked = {}, {}, 0, 0
     for task in tasks:
         data = evaluation_episodes(task, episodes, cfg.k_shot, generator, max_query=len(task))
-        chunk = max(1, 200_000 // len(task))  # episodes adapted at once: bounds the memory on large tasks
-        inner = torch.func.vmap(lambda d: method.adapt(outer, d), chunk_size=chunk)(data)
+        mine = ctx.take(data, episodes)
+        idle = mine["xs"].shape[0] == 0  # fewer episodes than processes: adapt a stand-in, keep nothing
+        if idle:
+            mine = {key: value[:1] for key, value in data.items()}
+        # episodes adapted at once: bounds the memory on large tasks (exact: one at a time)
+        chunk = 1 if exact else max(1, 200_000 // len(task))
+        inner = torch.func.vmap(lambda d: method.adapt(outer, d), chunk_size=chunk)(mine)
         model = inner["model"] if isinstance(method.problem, FairMetaProblem) else inner
-        bad, _ = indefinite_count(method, outer, data, inner)
-        indefinite, checked = indefinite + bad, checked + episodes
-        s = torch.func.vmap(score)(model, data["xq"])
+        scored = {"score": torch.func.vmap(score, chunk_size=chunk)(model, mine["xq"])}
+        curvature = curvatures(method, outer, mine, inner, chunk)
+        if curvature is not None:
+            scored["curvature"] = curvature
+        if idle:
+            scored = {key: value[:0] for key, value in scored.items()}
+        scored = ctx.gather(scored, episodes)
+        s = scored["score"]
+        if "curvature" in scored:
+            indefinite += int((scored["curvature"] <= 0).sum())
+        checked += episodes
         values = task_metrics(s, data["xq"], data["yq"], data["zq"], generator)
         majority = (data["ys"].mean(-1, keepdim=True) >= 0.5).to(s.dtype) * 2 - 1
         values["constant_accuracy"] = accuracy(majority.expand_as(s), data["yq"])

@@ -78,6 +78,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=count(1),
                    help="tasks batched per vmap call (default: the whole meta-batch); smaller chunks hold "
                         "fewer tasks' activations at once, 1 is a loop over tasks")
+    p.add_argument("--exact", action="store_true",
+                   help="compute each task alone and average the per-task meta-gradients in task order: the "
+                        "same parameters bitwise on any number of processes (torchrun), at some cost in speed")
     p.add_argument("--meta-lr", type=real(0, low_open=True), default=defaults.meta_lr,
                    help="Adam step (default 1e-3)")
     p.add_argument("--adam-eps", type=real(0, low_open=True), default=defaults.adam_eps,

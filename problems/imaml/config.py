@@ -19,8 +19,9 @@ __all__ = ["Config", "DATASETS", "MODES", "SOLVERS", "SPLITS", "RESUMABLE", "BAS
 DATASETS = ("sinusoid", "omniglot")
 MODES = ("implicit", "unrolled", "first_order")
 # Settings that may change when a run is resumed; everything else must match the checkpoint.
-RESUMABLE = ("steps", "max_minutes", "cuda_graph", "chunk_size", "eval_lam", "device", "data_dir", "cache_dir",
-             "out_dir", "progress", "spike_factor", "baseline", "eval_queries", "eval_bn", "eval_rotations")
+RESUMABLE = ("steps", "max_minutes", "cuda_graph", "chunk_size", "exact", "eval_lam", "device", "data_dir",
+             "cache_dir", "out_dir", "progress", "spike_factor", "baseline", "eval_queries", "eval_bn",
+             "eval_rotations")
 BASELINES = ("maml", "none")
 # Omniglot's presets: the paper's reference code (aravindr93/imaml_dev: plain inner steps then one
 # proximal step, its CG system damped by about 22 in --damping units), which trains, and the formula.
@@ -70,6 +71,9 @@ class Config:
     default ``"official-runs"``, where none of their characters is trained on.
     ``chunk_size`` batches that many tasks per ``torch.func.vmap`` call (``None``:
     the whole meta-batch); smaller chunks need less memory, same results.
+    ``exact`` computes each task alone and averages the per-task meta-gradients
+    in global task order (:meth:`bilevel.distributed.Context.ordered_mean`), so
+    that a run ends with bitwise the same parameters on any number of processes.
     """
 
     dataset: str = "sinusoid"
@@ -98,6 +102,7 @@ class Config:
     lr_schedule: str = "constant"
     meta_batch: int | None = None
     chunk_size: int | None = None
+    exact: bool = False
     meta_lr: float = 1e-3
     steps: int | None = None
     max_minutes: float | None = None

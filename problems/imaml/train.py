@@ -26,6 +26,7 @@ with a checkpoint, so ``--resume`` (with more time) continues it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -48,7 +49,8 @@ from bilevel.problems.imaml.problem import MetaGradient, adapt, meta_gradient
 from bilevel.runs import output_patterns, prepare_output, read_records, write_records
 from bilevel.solvers import Status
 
-__all__ = ["train", "evaluate", "combine", "load_checkpoint", "CHECKPOINT", "METRICS", "RUN_FILES"]
+__all__ = ["train", "evaluate", "combine", "combine_in_order", "load_checkpoint", "CHECKPOINT", "METRICS",
+           "RUN_FILES"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -196,6 +198,20 @@ def combine(ctx: distributed.Context, local: MetaGradient, meta_batch: int) -> M
     return local._replace(grad=grad, **ctx.gather(per_task, meta_batch))
 
 
+def combine_in_order(ctx: distributed.Context, parts: list[MetaGradient], meta_batch: int) -> MetaGradient:
+    """Exact mode: the whole meta-batch's :class:`MetaGradient` from this rank's per-task ones.
+
+    Each of ``parts`` is one task's, computed alone (a batch of one), so its values
+    do not depend on which other tasks share a rank. The per-task gradients are
+    averaged in global task order (:meth:`~bilevel.distributed.Context.ordered_mean`)
+    and the diagnostics gathered: bitwise the same on any number of processes.
+    """
+    grads = {k: torch.stack([part.grad[k] for part in parts]) for k in parts[0].grad}
+    per_task = {name: torch.cat([getattr(part, name) for part in parts]) for name, value in parts[0]._asdict().items()
+                if name != "grad" and value is not None}
+    return parts[0]._replace(grad=ctx.ordered_mean(grads, meta_batch), **ctx.gather(per_task, meta_batch))
+
+
 def train(config: Config, *, resume: bool | str = False, overwrite: bool = False,
           omniglot_images: tuple[np.ndarray, np.ndarray] | None = None,
           ctx: distributed.Context | None = None) -> dict[str, Any]:
@@ -210,7 +226,9 @@ def train(config: Config, *, resume: bool | str = False, overwrite: bool = False
     the same generator and computes the meta-gradient of its contiguous shard
     (:mod:`bilevel.distributed`); the step, the checkpoint and the metrics are those
     of the one-process run, whatever the number of processes, so a run may resume
-    on another. Rank 0 alone writes files.
+    on another. Rank 0 alone writes files. With ``config.exact`` they agree bitwise:
+    each task is computed alone and the per-task meta-gradients are averaged in
+    global task order (:func:`combine_in_order`).
     """
     config = config.resolved()
     ctx = ctx or distributed.init(config.device)
@@ -223,6 +241,8 @@ def train(config: Config, *, resume: bool | str = False, overwrite: bool = False
     out = Path(config.out_dir)
     device = ctx.device if ctx.distributed else torch.device(config.device)
     exp = build(config, omniglot_images)
+    if config.exact:  # every vmap holds one task: its values do not depend on the batch around it
+        exp = dataclasses.replace(exp, chunk_size=1)
     theta = {k: v.to(device) for k, v in exp.init.items()}
     optimizer = torch.optim.Adam(list(theta.values()), lr=config.meta_lr, eps=config.adam_eps)
     rng = np.random.default_rng(config.seed)
@@ -262,7 +282,11 @@ def train(config: Config, *, resume: bool | str = False, overwrite: bool = False
     with (metrics_path.open("a") if ctx.is_main else contextlib.nullcontext()) as log:
         while step < config.steps:
             tasks = ctx.take(exp.train_tasks.sample(rng, config.meta_batch, device), config.meta_batch)
-            mg = combine(ctx, compute(theta, tasks), config.meta_batch)
+            if config.exact:
+                parts = [compute(theta, tasks.index(slice(i, i + 1))) for i in range(tasks.query_y.shape[0])]
+                mg = combine_in_order(ctx, parts, config.meta_batch)
+            else:
+                mg = combine(ctx, compute(theta, tasks), config.meta_batch)
             for k, p in theta.items():
                 p.grad = mg.grad[k]
             for group in optimizer.param_groups:
