@@ -185,7 +185,8 @@ def _per_task_flat(tree: PyTree) -> tuple[Tensor, Callable[[Tensor], PyTree]]:
     """``(n, features)`` from leaves shaped ``(n, ...)``, and the map back for any ``n``.
 
     Leaves of several dtypes (losses, integer statuses, boolean flags) travel as
-    float64, which holds each of them exactly, and come back in their own dtype.
+    float64, which holds each of them exactly, and come back in their own dtype,
+    as contiguous tensors.
     """
     leaves, spec = torch.utils._pytree.tree_flatten(tree)
     n = leaves[0].shape[0]
@@ -196,9 +197,10 @@ def _per_task_flat(tree: PyTree) -> tuple[Tensor, Callable[[Tensor], PyTree]]:
     flat = torch.cat([leaf.reshape(n, size).to(common) for leaf, size in zip(leaves, sizes)], dim=1)
 
     def unravel(rows: Tensor) -> PyTree:
+        # contiguous, as a one-process run's values are: a reduction over strided views may add in another order
         parts = torch.split(rows, sizes, dim=1)
         return torch.utils._pytree.tree_unflatten(
-            [p.reshape(rows.shape[0], *s).to(d) for p, s, d in zip(parts, shapes, dtypes)], spec)
+            [p.reshape(rows.shape[0], *s).to(d).contiguous() for p, s, d in zip(parts, shapes, dtypes)], spec)
 
     return flat, unravel
 
