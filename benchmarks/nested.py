@@ -2,19 +2,28 @@
 
 Runs ``bilevel nested --method M --seed S`` for every method and seed, one at a
 time, each in its own process (so that its peak resident memory is its own),
-then prints the test MSE after adaptation with a 95% interval over seeds
-(Student t), the AUROC of the learned weights, training seconds and peak memory,
-and how much of the MAML-to-oracle gap each method closes. One JSON line per
-run goes to ``results/nested.jsonl`` and one per method to
-``results/nested_summary.jsonl``.
+then prints, over seeds (95% Student-t intervals):
 
-    python benchmarks/nested.py --seeds 0 1 2 3 4 --steps 300 --corrupt 0.5
-    python benchmarks/nested.py --resume          # finish the runs of an interrupted invocation
+- per method: the test MSE after adaptation, the share of the MAML-to-oracle gap
+  it closes (``(maml - m) / (maml - oracle)`` of the seed means), the AUROC of
+  its task weights, training seconds and peak memory;
+- paired differences on the same seeds (same pool, same initialization):
+  ``nested - lookahead``, ``nested - uniform``, ``nested - maml``, and
+  ``nested - (maml + oracle) / 2``, which is negative exactly when nested closes
+  more than half of the gap on that seed.
+
+Every run's ``final.json`` (without its settings) goes to ``<results>.json``
+with the summary and the paired differences, and one row per run to
+``<results>.csv``. Flags it does not know are passed to ``bilevel nested``.
+
+    python benchmarks/nested.py --seeds 0 1 2 3 4 --steps 500
+    python benchmarks/nested.py --resume          # keep finished runs, resume stopped ones
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -24,11 +33,12 @@ from pathlib import Path
 
 from scipy import stats
 
-METHODS = ("maml", "imaml", "uniform", "oracle", "lookahead", "nested")
+METHODS = ("maml", "imaml", "oracle", "uniform", "lookahead", "nested")
+PAIRS = (("nested", "lookahead"), ("nested", "uniform"), ("nested", "maml"), ("nested", "imaml"))
 
 
 def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% Student-t interval."""
+    """Mean and the half-width of its 95% Student-t interval (NaN with one value)."""
     n = len(values)
     mean = sum(values) / n
     if n < 2:
@@ -38,6 +48,7 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 
 def run_one(method: str, seed: int, args: argparse.Namespace, extra: list[str]) -> dict:
+    """Train (or, with ``--resume``, reuse or continue) one run and return its ``final.json``."""
     out = Path(args.runs) / f"{method}-{seed}"
     final = out / "final.json"
     if final.is_file() and args.resume:
@@ -45,59 +56,83 @@ def run_one(method: str, seed: int, args: argparse.Namespace, extra: list[str]) 
         if record["steps"] == args.steps:
             return record
     cmd = [sys.executable, "-m", "bilevel.cli", "nested", "--method", method, "--seed", str(seed),
-           "--steps", str(args.steps), "--corrupt", str(args.corrupt), "--out-dir", str(out), "--no-progress",
-           "--threads", "1", *extra]
+           "--steps", str(args.steps), "--out-dir", str(out), "--no-progress", "--threads", "1", *extra]
     if (out / "checkpoint.pt").is_file():
         cmd.append("--resume" if args.resume else "--overwrite")
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return json.loads(final.read_text())
 
 
+def summarize(records: list[dict], methods: list[str]) -> tuple[list[dict], list[dict]]:
+    """Per-method summaries and paired differences over the seeds all methods share."""
+    by = {(r["method"], r["seed"]): r for r in records}
+    seeds = sorted({r["seed"] for r in records})
+    mse = {m: [by[m, s]["test_mse"] for s in seeds] for m in methods}
+    mean = {m: interval(v)[0] for m, v in mse.items()}
+    gap = mean.get("maml", math.nan) - mean.get("oracle", math.nan)
+    summary = []
+    for m in methods:
+        mu, ci = interval(mse[m])
+        auc, auc_ci = interval([by[m, s]["auroc"] for s in seeds])
+        summary.append({"method": m, "test_mse": mu, "test_mse_ci95": ci,
+                        "gap_closed": (mean["maml"] - mu) / gap if gap == gap and gap != 0 else math.nan,
+                        "auroc": auc, "auroc_ci95": auc_ci,
+                        "seconds": sum(by[m, s]["seconds"] for s in seeds) / len(seeds),
+                        "peak_mib": max(by[m, s]["peak_mib"] for s in seeds), "seeds": seeds})
+    paired = []
+    for a, b in PAIRS:
+        if a in mse and b in mse:
+            d, ci = interval([x - y for x, y in zip(mse[a], mse[b])])
+            paired.append({"difference": f"{a} - {b}", "mean": d, "ci95": ci,
+                           "per_seed": [x - y for x, y in zip(mse[a], mse[b])]})
+    if {"nested", "maml", "oracle"} <= set(mse):
+        diffs = [n - (x + o) / 2 for n, x, o in zip(mse["nested"], mse["maml"], mse["oracle"])]
+        d, ci = interval(diffs)
+        paired.append({"difference": "nested - (maml + oracle)/2", "mean": d, "ci95": ci, "per_seed": diffs})
+    return summary, paired
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--corrupt", type=float, default=0.5)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--runs", default="runs/nested-bench", help="folder of the runs' output folders")
-    parser.add_argument("--results", default="results/nested.jsonl")
+    parser.add_argument("--results", default="benchmarks/results/nested",
+                        help="results prefix: writes <prefix>.json and <prefix>.csv")
     parser.add_argument("--resume", action="store_true", help="keep finished runs, resume stopped ones")
-    args, extra = parser.parse_known_args()  # anything else goes to `bilevel nested`
+    args, extra = parser.parse_known_args()
 
     records = []
     for seed in args.seeds:
         for method in args.methods:
-            record = run_one(method, seed, args, extra)
+            record = {k: v for k, v in run_one(method, seed, args, extra).items() if k != "settings"}
             records.append(record)
             print(f"seed {seed} {method:10s} test MSE {record['test_mse']:.4f}  AUROC {record['auroc']:.3f}  "
                   f"{record['seconds']:.0f} s", flush=True)
-    results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    with open(results, "w") as fh:
-        for r in records:
-            fh.write(json.dumps({k: v for k, v in r.items() if k != "settings"}) + "\n")
+    summary, paired = summarize(records, args.methods)
 
-    by_method = {m: [r for r in records if r["method"] == m] for m in args.methods}
-    mean_mse = {m: interval([r["test_mse"] for r in rs])[0] for m, rs in by_method.items()}
-    gap = mean_mse.get("maml", math.nan) - mean_mse.get("oracle", math.nan)
-    print(f"\nsinusoid K=10, {args.corrupt:.0%} of the training tasks corrupted, {len(args.seeds)} seeds, "
-          f"{args.steps} steps; 95% t-intervals over seeds")
-    print(f"{'method':10s} {'test MSE':>18s} {'gap closed':>10s} {'AUROC':>14s} {'seconds':>8s} {'peak MiB':>8s}")
-    summary = []
-    for m, rs in by_method.items():
-        mse, mse_ci = interval([r["test_mse"] for r in rs])
-        auc, auc_ci = interval([r["auroc"] for r in rs])
-        closed = (mean_mse["maml"] - mse) / gap if gap == gap and gap != 0 else math.nan
-        seconds = sum(r["seconds"] for r in rs) / len(rs)
-        peak = max(r["peak_mib"] for r in rs)
-        print(f"{m:10s} {mse:9.4f} +- {mse_ci:6.4f} {closed:10.2f} {auc:6.3f} +- {auc_ci:5.3f} {seconds:8.0f} "
-              f"{peak:8.0f}")
-        summary.append({"method": m, "test_mse": mse, "test_mse_ci95": mse_ci, "gap_closed": closed, "auroc": auc,
-                        "auroc_ci95": auc_ci, "seconds": seconds, "peak_mib": peak, "seeds": len(rs),
-                        "steps": args.steps, "corrupt": args.corrupt})
-    with open(results.with_name(results.stem + "_summary.jsonl"), "w") as fh:
-        for s in summary:
-            fh.write(json.dumps(s) + "\n")
+    print(f"\nsinusoid, {len(args.seeds)} seeds, {args.steps} steps, extra flags {extra}; 95% t-intervals over seeds")
+    print(f"{'method':10s} {'test MSE':>17s} {'gap closed':>10s} {'AUROC':>14s} {'seconds':>8s} {'peak MiB':>8s}")
+    for s in summary:
+        print(f"{s['method']:10s} {s['test_mse']:8.3f} +- {s['test_mse_ci95']:5.3f} {s['gap_closed']:10.2f} "
+              f"{s['auroc']:6.3f} +- {s['auroc_ci95']:5.3f} {s['seconds']:8.0f} {s['peak_mib']:8.0f}")
+    print("\npaired differences of test MSE (same seeds)")
+    for p in paired:
+        print(f"{p['difference']:28s} {p['mean']:+8.3f} +- {p['ci95']:5.3f}   per seed "
+              + " ".join(f"{x:+.3f}" for x in p["per_seed"]))
+
+    prefix = Path(args.results)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    blob = {"steps": args.steps, "seeds": args.seeds, "flags": extra, "runs": records, "summary": summary,
+            "paired": paired}
+    prefix.with_suffix(".json").write_text(json.dumps(blob, indent=1) + "\n")
+    columns = ["method", "seed", "steps", "test_mse", "test_mse_ci95", "test_mse_before", "auroc", "seconds",
+               "peak_mib"]
+    with open(prefix.with_suffix(".csv"), "w", newline="") as fh:
+        writer = csv.DictWriter(fh, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from bilevel.testing import check_hypergradient
 from bilevel.testing.tight import newton_polish
 
 TINY = ["--train-tasks", "4", "--val-tasks", "2", "--test-tasks", "4", "--shots", "3", "--queries", "3",
-        "--inner-steps", "2", "--cg-steps", "2", "--weight-every", "2", "--outer-cg-steps", "2", "--log-every", "2",
+        "--inner-steps", "2", "--solver-steps", "2", "--weight-every", "2", "--weight-start", "0",
+        "--outer-solver-steps", "2", "--log-every", "2",
         "--checkpoint-every", "2", "--no-progress"]
 
 
@@ -80,6 +81,16 @@ def test_pool_corrupts_the_requested_fraction():
     y = pool.tasks.query_y
     assert y[pool.corrupted].abs().max() > 5.0  # beyond the clean amplitude range
     assert y[~pool.corrupted].abs().max() <= 5.0
+
+
+def test_flip_negates_the_query_targets_of_the_corrupted_tasks_only():
+    clean = CorruptedSinusoid(corruption="flip").pool(np.random.default_rng(2), 6, corrupt=0.0).tasks
+    pool = CorruptedSinusoid(corruption="flip").pool(np.random.default_rng(2), 6, corrupt=0.5)
+    bad = pool.corrupted
+    assert int(bad.sum()) == 3
+    assert torch.equal(pool.tasks.query_y[bad], -clean.query_y[bad])
+    assert torch.equal(pool.tasks.query_y[~bad], clean.query_y[~bad])
+    assert torch.equal(pool.tasks.support_y, clean.support_y)
 
 
 def test_command_runs_and_learned_weights_stay_nonnegative(tmp_path, capsys):

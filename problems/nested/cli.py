@@ -23,6 +23,7 @@ from bilevel.runs import add_run_flags, count, real, track_given
 
 def register(subparsers: Any) -> None:
     """Add the ``nested`` subcommand."""
+    from .tasks import CORRUPTIONS
     from .train import METHODS, NestedConfig
 
     d = NestedConfig()
@@ -33,6 +34,8 @@ def register(subparsers: Any) -> None:
     data = parser.add_argument_group("tasks")
     data.add_argument("--corrupt", type=real(0, 1, high_open=True), default=d.corrupt,
                       help="fraction of corrupted training tasks (default: %(default)s)")
+    data.add_argument("--corruption", choices=CORRUPTIONS, default=d.corruption,
+                      help="how a corrupted task is corrupted (default: %(default)s)")
     data.add_argument("--sigma", type=real(0), default=d.sigma, help="noise of a corrupted task (default: %(default)s)")
     data.add_argument("--train-tasks", type=count(2), default=d.train_tasks, help="training pool size")
     data.add_argument("--val-tasks", type=count(1), default=d.val_tasks, help="clean validation tasks")
@@ -41,16 +44,28 @@ def register(subparsers: Any) -> None:
     data.add_argument("--queries", type=count(1), default=d.queries, help="query points per task")
     algo = parser.add_argument_group("algorithm")
     algo.add_argument("--lam", type=real(0, low_open=True), default=d.lam, help="iMAML's proximal strength")
-    algo.add_argument("--inner-lr", type=real(0, low_open=True), default=d.inner_lr)
-    algo.add_argument("--inner-steps", type=count(1), default=d.inner_steps)
-    algo.add_argument("--cg-steps", type=count(1), default=d.cg_steps, help="CG steps of each task's meta-gradient")
+    algo.add_argument("--inner-lr", type=real(0, low_open=True), default=d.inner_lr,
+                      help="first Armijo trial step (iMAML), fixed step (MAML)")
+    algo.add_argument("--inner-steps", type=count(1), default=d.inner_steps, help="Armijo steps of the adaptation")
+    algo.add_argument("--inner-tol", type=real(0), default=d.inner_tol,
+                      help="a task whose inner gradient norm is at most this stops moving")
+    algo.add_argument("--maml-inner-steps", type=count(1), default=d.maml_inner_steps,
+                      help="MAML's plain inner steps of --inner-lr")
+    algo.add_argument("--solver-steps", type=count(1), default=d.solver_steps,
+                      help="MINRES iterations of each task's meta-gradient")
+    algo.add_argument("--solver-rtol", type=real(0, low_open=True), default=d.solver_rtol,
+                      help="relative residual at which a task's MINRES solve stops")
     algo.add_argument("--mu", type=real(0), default=d.mu, help="L2 strength of the middle level")
     algo.add_argument("--meta-lr", type=real(0, low_open=True), default=d.meta_lr, help="Adam step on theta")
     algo.add_argument("--steps", type=count(1), default=d.steps, help="meta-steps (default: %(default)s)")
     algo.add_argument("--weight-lr", type=real(0, low_open=True), default=d.weight_lr, help="Adam step on u")
     algo.add_argument("--weight-every", type=count(1), default=d.weight_every, help="theta-steps per u-step")
-    algo.add_argument("--outer-cg-steps", type=count(1), default=d.outer_cg_steps,
-                      help="CG steps of the outer hypergradient's adjoint solve")
+    algo.add_argument("--weight-start", type=count(0), default=d.weight_start,
+                      help="theta-steps before the first u-step (default: %(default)s)")
+    algo.add_argument("--outer-solver-steps", type=count(1), default=d.outer_solver_steps,
+                      help="GMRES iterations of the outer hypergradient's adjoint solve")
+    algo.add_argument("--outer-ridge", type=real(0), default=d.outer_ridge,
+                      help="ridge added to the middle level's Jacobian in the outer adjoint solve")
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=count(0), default=d.seed, help="seed of the pools and the initialization")
     run.add_argument("--log-every", type=count(1), default=d.log_every)

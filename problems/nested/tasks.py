@@ -30,7 +30,9 @@ from torch import Tensor
 
 from bilevel.problems.imaml import SinusoidTasks, Task
 
-__all__ = ["CorruptedSinusoid", "TaskPool"]
+__all__ = ["CORRUPTIONS", "CorruptedSinusoid", "TaskPool"]
+
+CORRUPTIONS = ("noise", "flip")
 
 
 class TaskPool(NamedTuple):
@@ -50,14 +52,18 @@ class CorruptedSinusoid:
 
     Args:
         shots, queries: points per task (K = 10 support points in the paper's setting).
-        sigma: standard deviation of the noise added to a corrupted task's targets.
+        sigma: standard deviation of the noise added to a corrupted task's targets (``"noise"``).
+        corruption: ``"noise"`` (``sigma`` noise on every support and query target) or
+            ``"flip"`` (the query targets negated, the support set clean).
     """
 
-    def __init__(self, shots: int = 10, queries: int = 10, sigma: float = 3.0):
+    def __init__(self, shots: int = 10, queries: int = 10, sigma: float = 3.0, corruption: str = "noise"):
         if sigma < 0:
             raise ValueError(f"sigma must be >= 0, got {sigma}")
+        if corruption not in CORRUPTIONS:
+            raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {corruption!r}")
         self.sampler = SinusoidTasks(shots, queries)
-        self.sigma = sigma
+        self.sigma, self.corruption = sigma, corruption
 
     def pool(self, rng: np.random.Generator, size: int, corrupt: float = 0.0,
              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> TaskPool:
@@ -69,8 +75,11 @@ class CorruptedSinusoid:
         noise = rng.standard_normal((n_bad, self.sampler.shots + self.sampler.queries, 1))
         k = self.sampler.shots
         support_y, query_y = tasks.support_y.clone(), tasks.query_y.clone()
-        support_y[:n_bad] += torch.as_tensor(self.sigma * noise[:, :k], dtype=support_y.dtype)
-        query_y[:n_bad] += torch.as_tensor(self.sigma * noise[:, k:], dtype=query_y.dtype)
+        if self.corruption == "noise":
+            support_y[:n_bad] += torch.as_tensor(self.sigma * noise[:, :k], dtype=support_y.dtype)
+            query_y[:n_bad] += torch.as_tensor(self.sigma * noise[:, k:], dtype=query_y.dtype)
+        else:
+            query_y[:n_bad] = -query_y[:n_bad]
         tasks = Task(tasks.support_x, support_y, tasks.query_x, query_y)
         corrupted = torch.arange(size) < n_bad
         return TaskPool(Task(*(t.to(device=device, dtype=dtype) for t in tasks)), corrupted.to(device))

@@ -44,7 +44,7 @@ from bilevel.problems.imaml.models import Params
 from bilevel.problems.nested.problem import NestedData, NestedMAMLProblem, lookahead_weights, task_weights
 from bilevel.problems.nested.tasks import CorruptedSinusoid, TaskPool
 from bilevel.runs import output_patterns, prepare_output, read_records, write_records, write_text_atomic
-from bilevel.solvers import CG
+from bilevel.solvers import GMRES, MINRES
 
 __all__ = ["CHECKPOINT", "METHODS", "NestedConfig", "RESUMABLE", "RUN_FILES", "auroc", "saved_settings", "train"]
 
@@ -67,16 +67,22 @@ class NestedConfig:
     test_tasks: int = 1000
     shots: int = 10
     queries: int = 10
-    lam: float = 1.0
+    corruption: str = "flip"
+    lam: float = 3.0
     inner_lr: float = 0.02
     inner_steps: int = 20
-    cg_steps: int = 5
+    inner_tol: float = 1e-3
+    maml_inner_steps: int = 10
+    solver_steps: int = 20
+    solver_rtol: float = 1e-2
     mu: float = 1e-3
     meta_lr: float = 1e-3
     steps: int = 1000
     weight_lr: float = 0.1
-    weight_every: int = 10
-    outer_cg_steps: int = 10
+    weight_every: int = 5
+    weight_start: int = 100
+    outer_solver_steps: int = 5
+    outer_ridge: float = 10.0
     seed: int = 0
     log_every: int = 100
     checkpoint_every: int = 100
@@ -98,7 +104,7 @@ def auroc(weights: Tensor, corrupted: Tensor) -> float:
 
 
 def _pools(config: NestedConfig, device: torch.device) -> tuple[TaskPool, NestedData, Any]:
-    family = CorruptedSinusoid(config.shots, config.queries, config.sigma)
+    family = CorruptedSinusoid(config.shots, config.queries, config.sigma, config.corruption)
     rng = np.random.default_rng([config.seed, 0])
     pool = family.pool(rng, config.train_tasks, config.corrupt, device=device)
     val = family.pool(rng, config.val_tasks, device=device).tasks
@@ -113,11 +119,12 @@ class _Run:
         self.config = config
         self.pool, self.data, self.test_tasks = _pools(config, device)
         self.imaml = IMAMLProblem(mlp_forward, mse, lam=config.lam, inner_lr=config.inner_lr,
-                                  inner_steps=config.inner_steps)
+                                  inner_steps=config.inner_steps, inner_optimizer="armijo", inner_tol=config.inner_tol)
         self.maml = IMAMLProblem(mlp_forward, mse, lam=0.0, inner_lr=config.inner_lr,
-                                 inner_steps=config.inner_steps)
+                                 inner_steps=config.maml_inner_steps)
+        self.solver = MINRES(maxiter=config.solver_steps, rtol=config.solver_rtol)
         theta = {k: v.to(device) for k, v in mlp_init(generator=torch.Generator().manual_seed(config.seed)).items()}
-        self.problem = NestedMAMLProblem(self.imaml, theta, mu=config.mu, adapt_solver=CG(maxiter=config.cg_steps))
+        self.problem = NestedMAMLProblem(self.imaml, theta, mu=config.mu, adapt_solver=self.solver)
         self.theta = {k: v.clone().requires_grad_() for k, v in theta.items()}
         self.opt = torch.optim.Adam(list(self.theta.values()), lr=config.meta_lr)
         n = config.train_tasks
@@ -142,7 +149,10 @@ class _Run:
         if method == "maml":
             return meta_gradient(self.maml, theta, tasks, mode="unrolled").grad
         if method == "imaml":
-            return meta_gradient(self.imaml, theta, tasks, solver=CG(maxiter=self.config.cg_steps)).grad
+            return meta_gradient(self.imaml, theta, tasks, solver=self.solver).grad
+        if method == "oracle":  # the clean tasks alone, equally weighted
+            clean = self.pool.clean().tasks
+            return self.problem.weighted_meta_gradient(theta, torch.ones(len(clean.query_y), device=self.u.device), clean)
         m = self.problem.task_meta_gradients(theta, tasks)
         if method == "lookahead":
             val_grad = torch.func.grad(self.problem.validation_loss)(theta, self.data.val)
@@ -154,9 +164,11 @@ class _Run:
 
     def train_step(self) -> None:
         theta = {k: v.detach() for k, v in self.theta.items()}
-        if self.config.method == "nested" and self.step % self.config.weight_every == 0:
-            hyper = bilevel.hypergradient(self.problem, self.u.detach(), self.data, init=theta,
-                                          solver=CG(maxiter=self.config.outer_cg_steps), on_failure="ignore")
+        c = self.config
+        if c.method == "nested" and self.step >= c.weight_start and self.step % c.weight_every == 0:
+            solver = GMRES(maxiter=c.outer_solver_steps, ridge=c.outer_ridge)
+            hyper = bilevel.hypergradient(self.problem, self.u.detach(), self.data, init=theta, solver=solver,
+                                          on_failure="ignore")
             self.u.grad = hyper.grad
             self.u_opt.step()
         grads = self.meta_grad(theta)
