@@ -9,10 +9,17 @@ Adam steps, and is scored on fresh clean test tasks after adaptation:
 ``uniform``    the nested problem's middle level with fixed weights ``w = 1``
 ``oracle``     the same with weight 0 on the corrupted tasks (they are dropped)
 ``lookahead``  per-step weights from :func:`~.problem.lookahead_weights` (NestedMAML's released rule)
-``nested``     learned weights ``w = N softmax(u)``: every ``weight_every`` theta-steps one Adam
-               step on ``u`` along the implicit hypergradient ``bilevel.hypergradient(problem, u,
-               data, init=theta)`` (the adjoint solve linearizes the middle level at the current
-               meta-parameters, as alternating implicit-differentiation methods do)
+``nested``     learned weights ``w = N softmax(u)``: from step ``weight_start`` on, every ``weight_every``
+               theta-steps one Adam step on ``u`` along the implicit hypergradient
+               ``bilevel.hypergradient(problem, u, data, init=theta)``. The adjoint solve linearizes the
+               middle level at the current meta-parameters (as alternating implicit-differentiation
+               methods do); its Jacobian is nonsymmetric (the task meta-gradients come from inexact
+               inner and MINRES solves) and indefinite away from a minimum, so it is solved by GMRES
+               with ``outer_ridge`` added to it
+
+The adaptation is iMAML's (``lam``, ``inner_steps`` Armijo steps from ``inner_lr``, each
+task's meta-gradient by MINRES to ``solver_rtol``: the settings of ``bilevel imaml``'s
+sinusoid job); MAML takes ``maml_inner_steps`` plain steps of ``inner_lr``.
 
 Files in the output folder: ``metrics.jsonl`` (validation loss and the weights'
 AUROC every ``log_every`` steps), ``checkpoint.pt`` (:func:`bilevel.checkpoint.save`:
@@ -76,11 +83,11 @@ class NestedConfig:
     solver_steps: int = 20
     solver_rtol: float = 1e-2
     mu: float = 1e-3
-    meta_lr: float = 1e-3
-    steps: int = 1000
-    weight_lr: float = 0.1
+    meta_lr: float = 3e-3
+    steps: int = 400
+    weight_lr: float = 0.15
     weight_every: int = 5
-    weight_start: int = 100
+    weight_start: int = 50
     outer_solver_steps: int = 5
     outer_ridge: float = 10.0
     seed: int = 0
