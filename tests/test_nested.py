@@ -76,7 +76,7 @@ def test_auroc():
 
 def test_pool_corrupts_the_requested_fraction():
     rng = np.random.default_rng(1)
-    pool = CorruptedSinusoid(sigma=3.0).pool(rng, 10, corrupt=0.5)
+    pool = CorruptedSinusoid(sigma=3.0, corruption="noise").pool(rng, 10, corrupt=0.5)
     assert int(pool.corrupted.sum()) == 5 and not pool.clean().corrupted.any()
     y = pool.tasks.query_y
     assert y[pool.corrupted].abs().max() > 5.0  # beyond the clean amplitude range
