@@ -268,6 +268,7 @@ def test_fair_exact_mode_is_bitwise_the_one_process_run(fair_worlds):
     for run in (folder / "world2" / "fair-exact", folder / "one-then-two" / "fair-exact",
                 folder / "two-then-one" / "fair-exact"):
         one, other = _fair_state(folder / "world1" / "fair-exact"), _fair_state(run)
+        assert one["step"] == other["step"] == 4 and torch.equal(one["generator"], other["generator"])
         assert all(torch.equal(x, y) for x, y in zip(one["leaves"], other["leaves"])), run
         assert all(torch.equal(one["optimizer"][i][k], other["optimizer"][i][k])
                    for i in one["optimizer"] for k in one["optimizer"][i]), run
