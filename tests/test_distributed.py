@@ -224,9 +224,10 @@ def _relative(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def assert_close_runs(a: Path, b: Path) -> None:
     """Float64 runs whose tasks are batched and summed otherwise: the same to round-off, the same steps
-    and counts. Measured: PDFM's parameters agree to 2e-16 relative; the fair method's Newton and MINRES
-    solves amplify the round-off of kernels batched over 2 + 1 tasks instead of 3 to 1.5e-10 in the
-    first step's meta-gradient and 9e-11 in the parameters after 4 steps."""
+    and counts. Measured: PDFM's parameters agree to 2e-16 relative; in the fair method an Armijo step
+    choice of the damped Newton solve, flipped by the round-off of kernels batched over 2 + 1 tasks
+    instead of 3, makes it 1.5e-10 in the first step's meta-gradient and 9e-11 in the parameters after
+    4 steps."""
     sa, sb = _fair_state(a), _fair_state(b)
     assert sa["step"] == sb["step"] and sa["indefinite"] == sb["indefinite"]
     assert torch.equal(sa["generator"], sb["generator"])  # the same task stream
