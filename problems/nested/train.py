@@ -75,7 +75,7 @@ class NestedConfig:
     shots: int = 10
     queries: int = 10
     corruption: str = "flip"
-    lam: float = 3.0
+    lam: float = 10.0
     inner_lr: float = 0.02
     inner_steps: int = 20
     inner_tol: float = 1e-3
@@ -85,7 +85,7 @@ class NestedConfig:
     mu: float = 1e-3
     meta_lr: float = 3e-3
     steps: int = 400
-    weight_lr: float = 0.15
+    weight_lr: float = 0.3
     weight_every: int = 5
     weight_start: int = 50
     outer_solver_steps: int = 5
