@@ -18,6 +18,7 @@ with the summary and the paired differences, and one row per run to
 
     python benchmarks/nested.py --seeds 0 1 2 3 4 --steps 500
     python benchmarks/nested.py --resume          # keep finished runs, resume stopped ones
+    python benchmarks/nested.py --resume --plot docs/img/nested_benchmark.png   # also draw the figure
 """
 
 from __future__ import annotations
@@ -92,6 +93,36 @@ def summarize(records: list[dict], methods: list[str]) -> tuple[list[dict], list
     return summary, paired
 
 
+def plot(records: list[dict], methods: list[str], path: str) -> None:
+    """Test MSE per method and seed, and the final weights of the learned methods, clean against corrupted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, m in enumerate(methods):
+        values = [r["test_mse"] for r in records if r["method"] == m]
+        left.scatter([i] * len(values), values, s=14, alpha=0.7)
+        left.hlines(sum(values) / len(values), i - 0.3, i + 0.3, color="k")
+    left.set_xticks(range(len(methods)), methods)
+    left.set_ylabel("test MSE after adaptation")
+    left.set_title("per seed (dots) and mean (bar)")
+    learned = [m for m in ("lookahead", "nested") if m in methods]
+    for i, m in enumerate(learned):
+        for r in (r for r in records if r["method"] == m):
+            for w, bad in zip(r["weights"], r["corrupted"]):
+                right.scatter(2 * i + bad + 0.25 * (r["seed"] % 5 - 2) / 2, w, s=8, alpha=0.5,
+                              color="tab:red" if bad else "tab:blue")
+    right.set_xticks(range(2 * len(learned)), [f"{m}\n{k}" for m in learned for k in ("clean", "corrupted")])
+    right.set_ylabel("final task weight (sum N)")
+    right.set_yscale("symlog", linthresh=1e-2)
+    right.set_ylim(bottom=0)
+    right.set_title("task weights, all seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -101,6 +132,7 @@ def main() -> None:
     parser.add_argument("--results", default="benchmarks/results/nested",
                         help="results prefix: writes <prefix>.json and <prefix>.csv")
     parser.add_argument("--resume", action="store_true", help="keep finished runs, resume stopped ones")
+    parser.add_argument("--plot", default=None, help="also draw test MSE and task weights into this PNG")
     args, extra = parser.parse_known_args()
 
     records = []
@@ -133,6 +165,8 @@ def main() -> None:
         writer = csv.DictWriter(fh, columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(records)
+    if args.plot:
+        plot(records, args.methods, args.plot)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from bilevel.cli import main
@@ -33,7 +34,8 @@ class _NewtonPolished(NestedMAMLProblem):
         return newton_polish(lambda theta: self.optimality(theta, u, data), init, steps=6, tol=1e-12)[0]
 
 
-def test_implicit_outer_hypergradient_matches_finite_differences():
+@pytest.mark.parametrize("weighting", ["softmax", "sigmoid"])
+def test_implicit_outer_hypergradient_matches_finite_differences(weighting):
     g = torch.Generator().manual_seed(0)
     theta0 = {"w0": torch.randn(3, 1, generator=g), "b0": torch.randn(3, generator=g),
               "w1": 0.5 * torch.randn(1, 3, generator=g), "b1": torch.zeros(1)}
@@ -42,7 +44,8 @@ def test_implicit_outer_hypergradient_matches_finite_differences():
     data = NestedData(family.pool(rng, 3, corrupt=0.34).tasks, family.pool(rng, 2).tasks)
     # lam = 50 makes 16 inner steps exact to float64 precision, mu = 1 the middle level strongly monotone
     imaml = IMAMLProblem(_tanh_net, mse, lam=50.0, inner_lr=0.018, inner_steps=16)
-    problem = _NewtonPolished(imaml, theta0, mu=1.0, adapt_solver=Direct(rtol=1e-12), middle_steps=0)
+    problem = _NewtonPolished(imaml, theta0, mu=1.0, adapt_solver=Direct(rtol=1e-12), weighting=weighting,
+                              middle_steps=0)
     u = 0.3 * torch.randn(3, generator=g)
     report = check_hypergradient(problem, u, data, solver=Direct(rtol=1e-12), rtol=1e-6,
                                  references=("finite_differences", "direct"))
@@ -57,6 +60,15 @@ def test_task_weights_are_nonnegative_and_sum_to_n():
     w = task_weights(u)
     assert (w >= 0).all() and torch.isclose(w.sum(), torch.tensor(5.0))
     assert torch.equal(task_weights(torch.zeros(4)), torch.ones(4))
+
+
+def test_sigmoid_weights_are_independent_and_bounded():
+    u = torch.tensor([-80.0, -3.0, 0.0, 5.0, 90.0])
+    w = task_weights(u, "sigmoid")
+    assert (w >= 0).all() and (w <= 2).all() and w[2] == 1.0
+    assert torch.equal(task_weights(u[:3], "sigmoid"), w[:3])  # a weight depends on its own u only
+    with pytest.raises(ValueError, match="weighting"):
+        task_weights(u, "relu")
 
 
 def test_lookahead_weights_clamp_and_normalize():

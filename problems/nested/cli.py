@@ -23,6 +23,7 @@ from bilevel.runs import add_run_flags, count, real, track_given
 
 def register(subparsers: Any) -> None:
     """Add the ``nested`` subcommand."""
+    from .problem import WEIGHTINGS
     from .tasks import CORRUPTIONS
     from .train import METHODS, NestedConfig
 
@@ -58,6 +59,8 @@ def register(subparsers: Any) -> None:
     algo.add_argument("--mu", type=real(0), default=d.mu, help="L2 strength of the middle level")
     algo.add_argument("--meta-lr", type=real(0, low_open=True), default=d.meta_lr, help="Adam step on theta")
     algo.add_argument("--steps", type=count(1), default=d.steps, help="meta-steps (default: %(default)s)")
+    algo.add_argument("--weighting", choices=WEIGHTINGS, default=d.weighting,
+                      help="w = N softmax(u) or w = 2 sigmoid(u) (default: %(default)s)")
     algo.add_argument("--weight-lr", type=real(0, low_open=True), default=d.weight_lr, help="Adam step on u")
     algo.add_argument("--weight-every", type=count(1), default=d.weight_every, help="theta-steps per u-step")
     algo.add_argument("--weight-start", type=count(0), default=d.weight_start,

@@ -6,9 +6,11 @@ Levels, for training tasks ``i = 1..N`` with weights ``w`` and clean validation 
     theta*(w)    = argmin_theta 1/N sum_i w_i L_query_i(phi_i(theta)) + mu/2 ||theta||^2   (middle)
     min_{w >= 0} F(w) = 1/M sum_j L_query_j(phi_j(theta*(w)))                        (outer)
 
-Nonnegativity by parametrization: ``w = N softmax(u)`` (:func:`task_weights`), so
-``w >= 0``, ``sum w = N`` (the scale of the middle objective stays that of
-iMAML's average) and ``u = 0`` is uniform; the outer variable is ``u``.
+Nonnegativity by parametrization (:func:`task_weights`), the outer variable being
+``u``, uniform weights at ``u = 0``: ``w = N softmax(u)`` (``"softmax"``: ``sum w = N``,
+so the tasks compete for a fixed total) or ``w = 2 sigmoid(u)`` (``"sigmoid"``: each
+weight in ``(0, 2)`` on its own; with half of the tasks at 0 and half at 2 it is the
+oracle's weighting).
 
 :class:`NestedMAMLProblem` has ``theta`` as its *inner* variable and ``u`` as
 its outer one. Its optimality condition is the middle level's stationarity,
@@ -39,7 +41,9 @@ from bilevel.problems.imaml import IMAMLProblem, Task
 from bilevel.problems.imaml.models import Params
 from bilevel.solvers import CG, LinearSolver
 
-__all__ = ["NestedData", "NestedMAMLProblem", "lookahead_weights", "task_weights"]
+__all__ = ["NestedData", "NestedMAMLProblem", "WEIGHTINGS", "lookahead_weights", "task_weights"]
+
+WEIGHTINGS = ("softmax", "sigmoid")
 
 
 class NestedData(NamedTuple):
@@ -49,9 +53,14 @@ class NestedData(NamedTuple):
     val: Task
 
 
-def task_weights(u: Tensor) -> Tensor:
-    """``w = N softmax(u)``: nonnegative weights summing to ``N``, uniform at ``u = 0``."""
-    return len(u) * torch.softmax(u, 0)
+def task_weights(u: Tensor, weighting: str = "softmax") -> Tensor:
+    """Nonnegative task weights, all 1 at ``u = 0``: ``N softmax(u)`` (summing to ``N``) or
+    ``2 sigmoid(u)`` (each in ``(0, 2)``), by ``weighting``."""
+    if weighting == "softmax":
+        return len(u) * torch.softmax(u, 0)
+    if weighting == "sigmoid":
+        return 2 * torch.sigmoid(u)
+    raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
 
 def lookahead_weights(task_grads: Params, val_grad: Params) -> Tensor:
@@ -77,6 +86,7 @@ class NestedMAMLProblem(bilevel.BilevelProblem):
         mu: the middle level's L2 strength (makes ``d_theta G`` better conditioned).
         adapt_solver: the linear solver of each task's implicit meta-gradient
             (default ``CG(maxiter=5)``, iMAML's 5 CG steps; ``Direct()`` for exact checks).
+        weighting: the weights' parametrization, ``"softmax"`` or ``"sigmoid"`` (:func:`task_weights`).
         middle_lr, middle_steps: the default ``solve_inner``, gradient descent on the
             middle objective from ``init`` (0 steps: ``hypergradient`` linearizes at the
             ``init`` it is given, the meta-parameters of an alternating training loop).
@@ -85,10 +95,13 @@ class NestedMAMLProblem(bilevel.BilevelProblem):
     residual_tol = None  # the middle level is solved approximately by design
 
     def __init__(self, imaml: IMAMLProblem, theta0: Params, *, mu: float = 1e-3,
-                 adapt_solver: LinearSolver | None = None, middle_lr: float = 0.1, middle_steps: int = 0):
+                 adapt_solver: LinearSolver | None = None, weighting: str = "softmax", middle_lr: float = 0.1,
+                 middle_steps: int = 0):
         if mu < 0:
             raise ValueError(f"mu must be >= 0, got {mu}")
-        self.imaml, self.theta0, self.mu = imaml, theta0, mu
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        self.imaml, self.theta0, self.mu, self.weighting = imaml, theta0, mu, weighting
         self.adapt_solver = CG(maxiter=5) if adapt_solver is None else adapt_solver
         self.inner_lr, self.inner_steps, self.inner_tol = middle_lr, middle_steps, None
 
@@ -125,7 +138,7 @@ class NestedMAMLProblem(bilevel.BilevelProblem):
 
     def optimality(self, theta: Params, u: Tensor, data: NestedData) -> Params:
         """``G(theta, u)``: the middle level's stationarity condition."""
-        return self.weighted_meta_gradient(theta, task_weights(u), data.train)
+        return self.weighted_meta_gradient(theta, task_weights(u, self.weighting), data.train)
 
     def outer_objective(self, theta: Params, u: Tensor, data: NestedData) -> Tensor:
         """``F``: the clean validation tasks' query loss after adaptation."""

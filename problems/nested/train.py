@@ -9,8 +9,9 @@ Adam steps, and is scored on fresh clean test tasks after adaptation:
 ``uniform``    the nested problem's middle level with fixed weights ``w = 1``
 ``oracle``     the same with weight 0 on the corrupted tasks (they are dropped)
 ``lookahead``  per-step weights from :func:`~.problem.lookahead_weights` (NestedMAML's released rule)
-``nested``     learned weights ``w = N softmax(u)``: from step ``weight_start`` on, every ``weight_every``
-               theta-steps one Adam step on ``u`` along the implicit hypergradient
+``nested``     learned weights ``w(u)`` (``weighting``: ``N softmax(u)`` or ``2 sigmoid(u)``): from step
+               ``weight_start`` on, every ``weight_every`` theta-steps one Adam step on ``u`` along the
+               implicit hypergradient
                ``bilevel.hypergradient(problem, u, data, init=theta)``. The adjoint solve linearizes the
                middle level at the current meta-parameters (as alternating implicit-differentiation
                methods do); its Jacobian is nonsymmetric (the task meta-gradients come from inexact
@@ -48,7 +49,8 @@ from bilevel.checkpoint import file_patterns, load_for_resume
 from bilevel.checkpoint import save as save_checkpoint
 from bilevel.problems.imaml import IMAMLProblem, adapt, meta_gradient, mlp_forward, mlp_init, mse
 from bilevel.problems.imaml.models import Params
-from bilevel.problems.nested.problem import NestedData, NestedMAMLProblem, lookahead_weights, task_weights
+from bilevel.problems.nested.problem import (WEIGHTINGS, NestedData, NestedMAMLProblem, lookahead_weights,
+                                             task_weights)
 from bilevel.problems.nested.tasks import CorruptedSinusoid, TaskPool
 from bilevel.runs import output_patterns, prepare_output, read_records, write_records, write_text_atomic
 from bilevel.solvers import GMRES, MINRES
@@ -85,6 +87,7 @@ class NestedConfig:
     mu: float = 1e-3
     meta_lr: float = 3e-3
     steps: int = 400
+    weighting: str = "softmax"
     weight_lr: float = 0.3
     weight_every: int = 5
     weight_start: int = 50
@@ -97,6 +100,8 @@ class NestedConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if not 0.0 <= self.corrupt < 1.0:
             raise ValueError(f"corrupt must be in [0, 1) so that clean training tasks remain, got {self.corrupt}")
 
@@ -131,7 +136,8 @@ class _Run:
                                  inner_steps=config.maml_inner_steps)
         self.solver = MINRES(maxiter=config.solver_steps, rtol=config.solver_rtol)
         theta = {k: v.to(device) for k, v in mlp_init(generator=torch.Generator().manual_seed(config.seed)).items()}
-        self.problem = NestedMAMLProblem(self.imaml, theta, mu=config.mu, adapt_solver=self.solver)
+        self.problem = NestedMAMLProblem(self.imaml, theta, mu=config.mu, adapt_solver=self.solver,
+                                         weighting=config.weighting)
         self.theta = {k: v.clone().requires_grad_() for k, v in theta.items()}
         self.opt = torch.optim.Adam(list(self.theta.values()), lr=config.meta_lr)
         n = config.train_tasks
@@ -144,7 +150,7 @@ class _Run:
         """The method's task weights: fixed, learned, or the look-ahead rule's average so far."""
         n, bad = self.config.train_tasks, self.pool.corrupted
         if self.config.method == "nested":
-            return task_weights(self.u.detach())
+            return task_weights(self.u.detach(), self.config.weighting)
         if self.config.method == "lookahead" and self.step:
             return self.weight_sum / self.step
         if self.config.method == "oracle":
@@ -159,7 +165,8 @@ class _Run:
             return meta_gradient(self.imaml, theta, tasks, solver=self.solver).grad
         if method == "oracle":  # the clean tasks alone, equally weighted
             clean = self.pool.clean().tasks
-            return self.problem.weighted_meta_gradient(theta, torch.ones(len(clean.query_y), device=self.u.device), clean)
+            ones = torch.ones(len(clean.query_y), device=self.u.device)
+            return self.problem.weighted_meta_gradient(theta, ones, clean)
         m = self.problem.task_meta_gradients(theta, tasks)
         if method == "lookahead":
             val_grad = torch.func.grad(self.problem.validation_loss)(theta, self.data.val)
