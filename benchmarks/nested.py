@@ -16,7 +16,7 @@ Every run's ``final.json`` (without its settings) goes to ``<results>.json``
 with the summary and the paired differences, and one row per run to
 ``<results>.csv``. Flags it does not know are passed to ``bilevel nested``.
 
-    python benchmarks/nested.py --seeds 0 1 2 3 4 --steps 500
+    python benchmarks/nested.py --seeds 1 2 3 4 5 --steps 400
     python benchmarks/nested.py --resume          # keep finished runs, resume stopped ones
     python benchmarks/nested.py --resume --plot docs/img/nested_benchmark.png   # also draw the figure
 """
@@ -127,7 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--runs", default="runs/nested-bench", help="folder of the runs' output folders")
     parser.add_argument("--results", default="benchmarks/results/nested",
                         help="results prefix: writes <prefix>.json and <prefix>.csv")
