@@ -78,3 +78,11 @@ def test_imaml_device_defaults_to_cuda_when_available(monkeypatch, tmp_path, cap
     monkeypatch.setattr(imaml_train, "train", fake_train)
     assert cli.main(["imaml", "--out-dir", str(tmp_path), "--steps", "1", "--baseline", "none"]) == 0
     assert seen["config"].device == str(resolve_device(None))
+
+
+@pytest.mark.parametrize("spelling", ["--solver-steps", "--cg-steps"])
+def test_imaml_solver_steps_has_one_name_across_commands_and_keeps_the_older_one(spelling):
+    args = cli.build_parser(["imaml"]).parse_args(["imaml", spelling, "7"])
+    assert args.cg_steps == 7
+    nested = cli.build_parser(["nested"]).parse_args(["nested", "--solver-steps", "7"])
+    assert nested.solver_steps == 7

@@ -46,8 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--solver", choices=sorted(SOLVERS), default=defaults.solver,
                    help="linear solver for (I + H/lam) (default minres on the sinusoid, which handles indefinite "
                         "systems; cg on Omniglot)")
-    p.add_argument("--cg-steps", type=count(1), default=defaults.cg_steps,
-                   help="solver iterations (default 20 sinusoid, 5 Omniglot)")
+    p.add_argument("--solver-steps", "--cg-steps", dest="cg_steps", type=count(1), default=defaults.cg_steps,
+                   help="the adjoint solver's iterations, whichever --solver (default 20 sinusoid, 5 Omniglot; "
+                        "--cg-steps is the older spelling)")
     p.add_argument("--solver-rtol", type=real(0, low_open=True),
                    help="the adjoint solve converges when ||b - A v|| <= rtol ||b|| (default 1e-2 sinusoid, "
                         "the solver's 1e-5 on Omniglot)")
