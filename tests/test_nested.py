@@ -13,7 +13,7 @@ from bilevel.problems.imaml import IMAMLProblem, mse
 from bilevel.problems.imaml.models import Params
 from bilevel.problems.nested import (CorruptedSinusoid, NestedData, NestedMAMLProblem, auroc, lookahead_weights,
                                      task_weights)
-from bilevel.solvers import Direct
+from bilevel.solvers import Direct, Status
 from bilevel.testing import check_hypergradient
 from bilevel.testing.tight import newton_polish
 
@@ -115,6 +115,9 @@ def test_command_runs_and_learned_weights_stay_nonnegative(tmp_path, capsys):
     assert 0.0 <= final["auroc"] <= 1.0 and final["corrupted"] == [True, True, False, False]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 2, 4]
+    # the two weight updates' adjoint solves (steps 0 and 2) are counted by status, in the log and the result
+    assert sum(final["outer_solves"].values()) == 2 and records[-1]["outer_solves"] == final["outer_solves"]
+    assert set(final["outer_solves"]) <= {s.name.lower() for s in Status}
     assert main(["nested", "--steps", "4", "--out-dir", str(out), *TINY]) == 2  # the folder holds a run
     assert "already holds a run" in capsys.readouterr().err
 
@@ -126,7 +129,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path):
     assert main(["nested", "--steps", "4", "--out-dir", str(split), "--resume", "--no-progress"]) == 0
     a, b = (json.loads((d / "final.json").read_text()) for d in (whole, split))
     assert a["steps"] == b["steps"] == 4 and a["weights"] != [1.0] * 4
-    for key in ("test_mse", "test_mse_before", "weights", "auroc"):
+    for key in ("test_mse", "test_mse_before", "weights", "auroc", "outer_solves"):
         assert a[key] == b[key], key
     strip = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
              for d in (whole, split) for line in (d / "metrics.jsonl").read_text().splitlines()]

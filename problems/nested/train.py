@@ -53,7 +53,7 @@ from bilevel.problems.nested.problem import (WEIGHTINGS, NestedData, NestedMAMLP
                                              task_weights)
 from bilevel.problems.nested.tasks import CorruptedSinusoid, TaskPool
 from bilevel.runs import output_patterns, prepare_output, read_records, write_records, write_text_atomic
-from bilevel.solvers import GMRES, MINRES
+from bilevel.solvers import GMRES, MINRES, Status
 
 __all__ = ["CHECKPOINT", "METHODS", "NestedConfig", "RESUMABLE", "RUN_FILES", "auroc", "saved_settings", "train"]
 
@@ -144,6 +144,7 @@ class _Run:
         self.u = torch.zeros(n, device=device, requires_grad=True)
         self.u_opt = torch.optim.Adam([self.u], lr=config.weight_lr)
         self.weight_sum = torch.zeros(n, device=device)  # lookahead: the per-step weights, summed
+        self.outer_solves: dict[str, int] = {}  # nested: the weight updates' adjoint solve statuses, counted
         self.step, self.elapsed = 0, 0.0
 
     def weights(self) -> Tensor:
@@ -183,6 +184,8 @@ class _Run:
             solver = GMRES(maxiter=c.outer_solver_steps, ridge=c.outer_ridge)
             hyper = bilevel.hypergradient(self.problem, self.u.detach(), self.data, init=theta, solver=solver,
                                           on_failure="ignore")
+            name = Status(int(hyper.solve.status)).name.lower()
+            self.outer_solves[name] = self.outer_solves.get(name, 0) + 1
             self.u.grad = hyper.grad
             self.u_opt.step()
         grads = self.meta_grad(theta)
@@ -197,8 +200,11 @@ class _Run:
     def validation(self) -> dict[str, float]:
         theta = {k: v.detach() for k, v in self.theta.items()}
         loss = adapt(self.problem_for_eval(), theta, self.data.val).loss_after.mean()
-        return {"step": self.step, "val_mse": float(loss), "auroc": auroc(self.weights(), self.pool.corrupted),
-                "seconds": self.elapsed}
+        record = {"step": self.step, "val_mse": float(loss), "auroc": auroc(self.weights(), self.pool.corrupted),
+                  "seconds": self.elapsed}
+        if self.config.method == "nested":
+            record["outer_solves"] = dict(self.outer_solves)
+        return record
 
     def test(self) -> dict[str, Any]:
         theta = {k: v.detach() for k, v in self.theta.items()}
@@ -212,7 +218,7 @@ class _Run:
     def state_dict(self) -> dict[str, Any]:
         return {"theta": {k: v.detach() for k, v in self.theta.items()}, "opt": self.opt.state_dict(),
                 "u": self.u.detach(), "u_opt": self.u_opt.state_dict(), "weight_sum": self.weight_sum,
-                "step": self.step, "elapsed": self.elapsed}
+                "step": self.step, "elapsed": self.elapsed, "outer_solves": dict(self.outer_solves)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
@@ -223,6 +229,7 @@ class _Run:
         self.opt.load_state_dict(state["opt"])
         self.u_opt.load_state_dict(state["u_opt"])
         self.step, self.elapsed = state["step"], state["elapsed"]
+        self.outer_solves = dict(state.get("outer_solves", {}))  # absent from checkpoints written before it
 
 
 def saved_settings(path: str | Path, resume: bool | str = True) -> dict[str, Any]:
@@ -280,6 +287,7 @@ def train(config: NestedConfig, out_dir: str | Path, *, resume: bool | str = Fal
     save()
     final = {"method": config.method, "seed": config.seed, "corrupt": config.corrupt, "steps": run.step,
              "seconds": run.elapsed, "peak_mib": _peak_mib(device), "device": str(device), **run.test(),
+             **({"outer_solves": dict(run.outer_solves)} if config.method == "nested" else {}),
              "settings": settings}
     write_text_atomic(out / "final.json", json.dumps(final, indent=1) + "\n")
     return final
