@@ -62,6 +62,8 @@ def register(subparsers: Any) -> None:
     algo.add_argument("--weighting", choices=WEIGHTINGS, default=d.weighting,
                       help="w = N softmax(u) or w = 2 sigmoid(u) (default: %(default)s)")
     algo.add_argument("--weight-lr", type=real(0, low_open=True), default=d.weight_lr, help="Adam step on u")
+    algo.add_argument("--weight-decay", type=real(0), default=d.weight_decay,
+                      help="L2 pull of u towards 0 (uniform weights) in its Adam steps (default: %(default)s)")
     algo.add_argument("--weight-every", type=count(1), default=d.weight_every, help="theta-steps per u-step")
     algo.add_argument("--weight-start", type=count(0), default=d.weight_start,
                       help="theta-steps before the first u-step (default: %(default)s)")

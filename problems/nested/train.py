@@ -89,6 +89,7 @@ class NestedConfig:
     steps: int = 400
     weighting: str = "softmax"
     weight_lr: float = 0.3
+    weight_decay: float = 0.0
     weight_every: int = 5
     weight_start: int = 50
     outer_solver_steps: int = 5
@@ -142,7 +143,7 @@ class _Run:
         self.opt = torch.optim.Adam(list(self.theta.values()), lr=config.meta_lr)
         n = config.train_tasks
         self.u = torch.zeros(n, device=device, requires_grad=True)
-        self.u_opt = torch.optim.Adam([self.u], lr=config.weight_lr)
+        self.u_opt = torch.optim.Adam([self.u], lr=config.weight_lr, weight_decay=config.weight_decay)
         self.weight_sum = torch.zeros(n, device=device)  # lookahead: the per-step weights, summed
         self.outer_solves: dict[str, int] = {}  # nested: the weight updates' adjoint solve statuses, counted
         self.step, self.elapsed = 0, 0.0
@@ -255,7 +256,8 @@ def train(config: NestedConfig, out_dir: str | Path, *, resume: bool | str = Fal
     run = _Run(config, device)
     if resume:
         ckpt = load_for_resume(ckpt_path, resume, map_location=device)
-        changed = sorted(k for k in settings if k not in RESUMABLE and ckpt["settings"].get(k) != settings[k])
+        saved = {**dataclasses.asdict(NestedConfig()), **ckpt["settings"]}  # a setting added later: its default
+        changed = sorted(k for k in settings if k not in RESUMABLE and saved[k] != settings[k])
         if changed:
             raise ValueError(f"cannot resume the run in {out} with other settings: {changed} differ; use the run's "
                              "values, or start over with --overwrite")
