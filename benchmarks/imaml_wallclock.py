@@ -42,15 +42,18 @@ def launch(out_dir: Path, minutes: float, extra: list[str]) -> None:
         command = [sys.executable, "-m", "bilevel", "imaml", *COMMON, "--max-minutes", str(minutes),
                    "--mode", mode, "--out-dir", str(out_dir / mode), *extra]
         log = open(out_dir / f"{mode}.log", "w")
-        running[subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT).pid] = (mode, log)
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        running[process.pid] = (mode, log, process)
     while running:
         pid, status, usage = os.wait4(-1, 0)
         if pid not in running:
             continue
-        mode, log = running.pop(pid)
+        mode, log, process = running.pop(pid)
         log.close()
-        resources = {"exit_status": os.waitstatus_to_exitcode(status), "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, by wait4
+        resources = {"exit_status": process.returncode, "cpu_seconds": usage.ru_utime + usage.ru_stime,
                      "peak_rss_mib": usage.ru_maxrss / 1024}
+        (out_dir / mode).mkdir(exist_ok=True)  # a run that failed at once made no folder
         (out_dir / mode / "resources.json").write_text(json.dumps(resources, indent=2) + "\n")
         if resources["exit_status"] != 0:
             print(f"{MODES[mode]} exited with status {resources['exit_status']}: see {out_dir / f'{mode}.log'}",
