@@ -94,6 +94,16 @@ class Context:
         part = self.shard(n)
         return torch.utils._pytree.tree_map(lambda t: t[part] if isinstance(t, Tensor) else t, tree)
 
+    def take_or_stand_in(self, tree: T, n: int) -> tuple[T, bool]:
+        """:meth:`take`, and whether this rank is idle: a rank that owns nothing (``n`` below the
+        number of ranks) gets the batch's first item as a stand-in instead, so that it runs the
+        same computation and the collectives after it; it then keeps none of its values
+        (``tree_map(lambda v: v[:0], ...)`` before :meth:`gather`)."""
+        part = self.shard(n)
+        if part.stop > part.start:
+            return self.take(tree, n), False
+        return torch.utils._pytree.tree_map(lambda t: t[:1] if isinstance(t, Tensor) else t, tree), True
+
     def _collective(self, what: str, op: Callable[[], T]) -> T:
         try:
             return op()

@@ -49,6 +49,14 @@ def test_shard_refuses_a_rank_outside_the_world():
         distributed.shard(4, 2, 2)
 
 
+def test_a_rank_without_items_gets_a_stand_in_and_is_told_it_is_idle():
+    batch = {"x": torch.arange(6.0).reshape(3, 2), "k": 7}
+    busy, idle = distributed.Context(rank=2, world_size=4).take_or_stand_in(batch, 3)
+    assert not idle and torch.equal(busy["x"], batch["x"][2:3]) and busy["k"] == 7
+    stand_in, idle = distributed.Context(rank=3, world_size=4).take_or_stand_in(batch, 3)
+    assert idle and torch.equal(stand_in["x"], batch["x"][:1]) and stand_in["k"] == 7
+
+
 def test_one_process_context_is_a_no_op():
     ctx = distributed.init("cpu")
     assert ctx.world_size == 1 and ctx.is_main and not ctx.distributed

@@ -331,10 +331,7 @@ def evaluate(cfg: Config, outer: dict, tasks: list[Task], *, episodes: int = 20,
     per_task, by_episode, indefinite, checked = {}, {}, 0, 0
     for task in tasks:
         data = evaluation_episodes(task, episodes, cfg.k_shot, generator, max_query=len(task))
-        mine = ctx.take(data, episodes)
-        idle = mine["xs"].shape[0] == 0  # fewer episodes than processes: adapt a stand-in, keep nothing
-        if idle:
-            mine = {key: value[:1] for key, value in data.items()}
+        mine, idle = ctx.take_or_stand_in(data, episodes)  # idle: fewer episodes than processes
         # episodes adapted at once: bounds the memory on large tasks (exact: one at a time)
         chunk = 1 if exact else max(1, 200_000 // len(task))
         inner = torch.func.vmap(lambda d: method.adapt(outer, d), chunk_size=chunk)(mine)

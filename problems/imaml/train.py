@@ -78,11 +78,7 @@ def evaluate(exp: Experiment, theta: Params, n_tasks: int, chunk: int, device: t
     done = 0
     while done < n_tasks:
         size = min(chunk, n_tasks - done)
-        drawn = sampler.sample(rng, size, device)
-        tasks = ctx.take(drawn, size)
-        idle = tasks.query_y.shape[0] == 0  # a last chunk smaller than the world: adapt a stand-in, keep nothing
-        if idle:
-            tasks = drawn.index(slice(0, 1))
+        tasks, idle = ctx.take_or_stand_in(sampler.sample(rng, size, device), size)  # idle: a chunk below the world
         out = adapt(exp.eval_problem, theta, tasks, chunk_size=exp.chunk_size, query_forward=exp.query_forward)
         per_task = {"loss_before": out.loss_before, "loss_after": out.loss_after}
         if exp.classification:
