@@ -46,7 +46,7 @@ from bilevel.problems.imaml.experiment import Experiment, build, protocol
 from bilevel.problems.imaml.models import Params
 from bilevel.problems.imaml.monitor import Monitor, summarize
 from bilevel.problems.imaml.problem import MetaGradient, adapt, meta_gradient
-from bilevel.runs import output_patterns, prepare_output, read_records, write_records
+from bilevel.runs import output_patterns, prepare_output, read_records, write_records, write_text_atomic
 from bilevel.solvers import Status
 
 __all__ = ["train", "evaluate", "combine", "combine_in_order", "load_checkpoint", "CHECKPOINT", "METRICS",
@@ -357,7 +357,7 @@ def _finish(config: Config, exp: Experiment, theta: Params, device: torch.device
 
         final["official_runs"] = official_runs_accuracy(exp.eval_problem, theta, config.data_dir, device,
                                                          chunk_size=exp.chunk_size)
-    (out / "final.json").write_text(json.dumps(final, indent=2) + "\n")
+    write_text_atomic(out / "final.json", json.dumps(final, indent=2) + "\n")
     plots.learning_curves(out / METRICS, out / "learning_curves.png", classification=exp.classification)
     if not exp.classification:
         plots.sinusoid_fits(exp.eval_problem, theta, exp.test_tasks, out / "sinusoid_fits.png", seed=config.seed)
