@@ -65,6 +65,18 @@ def autograd_applies(inner: PyTree, outer: PyTree, data: Any) -> bool:
     return tensors is not None and not _transformed() and not any(t.requires_grad for t in tensors)
 
 
+def _fresh_leaves(tree: PyTree) -> tuple[list[Tensor], Any]:
+    """The tensors of ``tree`` detached as new autograd leaves, and the structure to rebuild it."""
+    leaves, spec = pytree.tree_flatten(tree)
+    return [t.detach().requires_grad_() for t in leaves], spec
+
+
+def _split(grads: tuple[Tensor, ...], inner_spec: Any, outer_spec: Any) -> tuple[PyTree, PyTree]:
+    """Gradients for the inner leaves followed by the outer ones, as the two pytrees."""
+    n = inner_spec.num_leaves
+    return pytree.tree_unflatten(list(grads[:n]), inner_spec), pytree.tree_unflatten(list(grads[n:]), outer_spec)
+
+
 def gradient(objective: Callable[[PyTree, PyTree, Any], Tensor], inner: PyTree, outer: PyTree,
              data: Any) -> PyTree:
     """``grad_phi objective(phi, outer, data)`` at ``phi = inner``, as ``torch.func.grad`` gives it:
@@ -95,14 +107,12 @@ def grads_and_value(objective: Callable[[PyTree, PyTree, Any], Tensor], inner: P
     if not autograd_applies(inner, outer, data):
         return torch.func.grad_and_value(objective, argnums=(0, 1))(inner, outer, data)
     with torch.enable_grad():
-        inner_leaves, inner_spec = pytree.tree_flatten(tree_map(lambda t: t.detach().requires_grad_(), inner))
-        outer_leaves, outer_spec = pytree.tree_flatten(tree_map(lambda t: t.detach().requires_grad_(), outer))
+        inner_leaves, inner_spec = _fresh_leaves(inner)
+        outer_leaves, outer_spec = _fresh_leaves(outer)
         value = objective(pytree.tree_unflatten(inner_leaves, inner_spec),
                           pytree.tree_unflatten(outer_leaves, outer_spec), data)
         grads = torch.autograd.grad(value, inner_leaves + outer_leaves, allow_unused=True, materialize_grads=True)
-    split = len(inner_leaves)
-    return ((pytree.tree_unflatten(list(grads[:split]), inner_spec),
-             pytree.tree_unflatten(list(grads[split:]), outer_spec)), value.detach())
+    return _split(grads, inner_spec, outer_spec), value.detach()
 
 
 def _autograd_vjp(condition: Callable[[PyTree, PyTree], PyTree], inner: PyTree,
@@ -110,20 +120,17 @@ def _autograd_vjp(condition: Callable[[PyTree, PyTree], PyTree], inner: PyTree,
     """``(G, vjp_fn)`` on a retained autograd graph, or ``None`` when an output of ``G`` does
     not depend on the inputs (autograd cannot differentiate it)."""
     with torch.enable_grad():
-        inner_leaf = tree_map(lambda t: t.detach().requires_grad_(), inner)
-        outer_leaf = tree_map(lambda t: t.detach().requires_grad_(), outer)
-        residual = condition(inner_leaf, outer_leaf)
+        inputs, inner_spec = _fresh_leaves(inner)
+        outer_inputs, outer_spec = _fresh_leaves(outer)
+        residual = condition(pytree.tree_unflatten(inputs, inner_spec), pytree.tree_unflatten(outer_inputs, outer_spec))
     outputs = tree_leaves(residual)
     if not all(t.requires_grad for t in outputs):
         return None
-    inputs, inner_spec = pytree.tree_flatten(inner_leaf)
-    outer_inputs, outer_spec = pytree.tree_flatten(outer_leaf)
 
     def vjp_fn(cotangent: PyTree) -> tuple[PyTree, PyTree]:
         grads = torch.autograd.grad(outputs, inputs + outer_inputs, tree_leaves(cotangent), retain_graph=True,
                                     allow_unused=True, materialize_grads=True)
-        return (pytree.tree_unflatten(list(grads[:len(inputs)]), inner_spec),
-                pytree.tree_unflatten(list(grads[len(inputs):]), outer_spec))
+        return _split(grads, inner_spec, outer_spec)
 
     return tree_map(torch.Tensor.detach, residual), vjp_fn
 
