@@ -8,9 +8,10 @@ then prints, over seeds (95% Student-t intervals):
   it closes (``(maml - m) / (maml - oracle)`` of the seed means), the AUROC of
   its task weights, training seconds and peak memory;
 - paired differences on the same seeds (same pool, same initialization):
-  ``nested - lookahead``, ``nested - uniform``, ``nested - maml``, and
-  ``nested - (maml + oracle) / 2``, which is negative exactly when nested closes
-  more than half of the gap on that seed.
+  ``nested - lookahead``, ``influence - lookahead``, ``influence - nested``,
+  ``nested - uniform``, ``nested - maml``, ``nested - imaml``, and for each learned
+  rule ``m - (maml + oracle) / 2``, which is negative exactly when ``m`` closes more
+  than half of the gap on that seed.
 
 Every run's ``final.json`` (without its settings) goes to ``<results>.json``
 with the summary and the paired differences, and one row per run to
@@ -34,8 +35,10 @@ from pathlib import Path
 
 from scipy import stats
 
-METHODS = ("maml", "imaml", "oracle", "uniform", "lookahead", "nested")
-PAIRS = (("nested", "lookahead"), ("nested", "uniform"), ("nested", "maml"), ("nested", "imaml"))
+METHODS = ("maml", "imaml", "oracle", "uniform", "lookahead", "influence", "nested")
+PAIRS = (("nested", "lookahead"), ("influence", "lookahead"), ("influence", "nested"), ("nested", "uniform"),
+         ("nested", "maml"), ("nested", "imaml"))
+LEARNED = ("lookahead", "influence", "nested")
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -86,10 +89,10 @@ def summarize(records: list[dict], methods: list[str]) -> tuple[list[dict], list
             d, ci = interval([x - y for x, y in zip(mse[a], mse[b])])
             paired.append({"difference": f"{a} - {b}", "mean": d, "ci95": ci,
                            "per_seed": [x - y for x, y in zip(mse[a], mse[b])]})
-    if {"nested", "maml", "oracle"} <= set(mse):
-        diffs = [n - (x + o) / 2 for n, x, o in zip(mse["nested"], mse["maml"], mse["oracle"])]
+    for m in (m for m in LEARNED if {m, "maml", "oracle"} <= set(mse)):
+        diffs = [n - (x + o) / 2 for n, x, o in zip(mse[m], mse["maml"], mse["oracle"])]
         d, ci = interval(diffs)
-        paired.append({"difference": "nested - (maml + oracle)/2", "mean": d, "ci95": ci, "per_seed": diffs})
+        paired.append({"difference": f"{m} - (maml + oracle)/2", "mean": d, "ci95": ci, "per_seed": diffs})
     return summary, paired
 
 
@@ -108,7 +111,7 @@ def plot(records: list[dict], methods: list[str], path: str) -> None:
     left.set_xticks(range(len(methods)), methods)
     left.set_ylabel("test MSE after adaptation")
     left.set_title("per seed (dots) and mean (bar)")
-    learned = [m for m in ("lookahead", "nested") if m in methods]
+    learned = [m for m in LEARNED if m in methods]
     for i, m in enumerate(learned):
         for r in (r for r in records if r["method"] == m):
             for w, bad in zip(r["weights"], r["corrupted"]):

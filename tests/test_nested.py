@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
@@ -11,12 +12,14 @@ import torch
 from bilevel.cli import main
 from bilevel.problems.imaml import IMAMLProblem, mse
 from bilevel.problems.imaml.models import Params
-from bilevel.problems.nested import (CorruptedSinusoid, NestedData, NestedMAMLProblem, auroc, lookahead_weights,
-                                     task_weights)
+from bilevel.problems.imaml import OmniglotTasks
+from bilevel.problems.nested import (CorruptedOmniglot, CorruptedSinusoid, NestedConfig, NestedData, NestedMAMLProblem,
+                                     auroc, influence_weights, lookahead_weights, task_weights)
 from bilevel.solvers import Direct, Status
 from bilevel.testing import check_hypergradient
 from bilevel.testing.tight import newton_polish
 
+nested_train = importlib.import_module("bilevel.problems.nested.train")  # the module, not its train()
 TINY = ["--train-tasks", "4", "--val-tasks", "2", "--test-tasks", "4", "--shots", "3", "--queries", "3",
         "--inner-steps", "2", "--solver-steps", "2", "--weight-every", "2", "--weight-start", "0",
         "--outer-solver-steps", "2", "--log-every", "2",
@@ -34,18 +37,25 @@ class _NewtonPolished(NestedMAMLProblem):
         return newton_polish(lambda theta: self.optimality(theta, u, data), init, steps=6, tol=1e-12)[0]
 
 
-@pytest.mark.parametrize("weighting", ["softmax", "sigmoid"])
-def test_implicit_outer_hypergradient_matches_finite_differences(weighting):
+def _small_instance(weighting: str = "softmax", dtype: torch.dtype = torch.float32):
+    """3 training tasks (1 corrupted), 2 validation tasks, a 1-3-1 tanh network; the middle level Newton-polished."""
     g = torch.Generator().manual_seed(0)
     theta0 = {"w0": torch.randn(3, 1, generator=g), "b0": torch.randn(3, generator=g),
               "w1": 0.5 * torch.randn(1, 3, generator=g), "b1": torch.zeros(1)}
+    theta0 = {k: v.to(dtype) for k, v in theta0.items()}
     family = CorruptedSinusoid(shots=5, queries=5)
     rng = np.random.default_rng(0)
-    data = NestedData(family.pool(rng, 3, corrupt=0.34).tasks, family.pool(rng, 2).tasks)
+    data = NestedData(family.pool(rng, 3, corrupt=0.34, dtype=dtype).tasks, family.pool(rng, 2, dtype=dtype).tasks)
     # lam = 50 makes 16 inner steps exact to float64 precision, mu = 1 the middle level strongly monotone
     imaml = IMAMLProblem(_tanh_net, mse, lam=50.0, inner_lr=0.018, inner_steps=16)
     problem = _NewtonPolished(imaml, theta0, mu=1.0, adapt_solver=Direct(rtol=1e-12), weighting=weighting,
                               middle_steps=0)
+    return problem, data, g
+
+
+@pytest.mark.parametrize("weighting", ["softmax", "sigmoid"])
+def test_implicit_outer_hypergradient_matches_finite_differences(weighting):
+    problem, data, g = _small_instance(weighting)
     u = 0.3 * torch.randn(3, generator=g)
     report = check_hypergradient(problem, u, data, solver=Direct(rtol=1e-12), rtol=1e-6,
                                  references=("finite_differences", "direct"))
@@ -79,6 +89,27 @@ def test_lookahead_weights_clamp_and_normalize():
     assert torch.allclose(lookahead_weights({"a": -grads["a"].abs()}, {"a": torch.ones(2)}), torch.ones(3))
 
 
+def test_influence_weights_are_the_clamped_negated_derivative_of_the_validation_loss():
+    """-dF/dw_i at w = 1, by central differences of F(theta*(w)) in float64, clamped and normalized."""
+    problem, data, _ = _small_instance("softmax", torch.float64)
+    theta = problem.solve_inner(torch.zeros(3, dtype=torch.float64), data, problem.theta0)  # the middle optimum
+    weights, hyper = influence_weights(problem, theta, data, Direct(rtol=1e-12))
+    assert problem.weighting == "softmax"  # the rule does not change the problem it is given
+
+    def loss_at(w: torch.Tensor) -> float:
+        theta_w = newton_polish(lambda th: problem.middle_gradient(th, w, problem.task_meta_gradients(th, data.train)),
+                                theta, steps=6, tol=1e-13)[0]
+        return float(problem.validation_loss(theta_w, data.val))
+
+    h, one = 1e-5, torch.ones(3, dtype=torch.float64)
+    basis = torch.eye(3, dtype=torch.float64)
+    score = torch.tensor([-(loss_at(one + h * e) - loss_at(one - h * e)) / (2 * h) for e in basis], dtype=torch.float64)
+    assert torch.allclose(-2 * hyper.grad, score, rtol=1e-5, atol=1e-9)
+    expected = score.clamp(min=0) * 3 / score.clamp(min=0).sum()
+    assert (score > 0).any() and torch.allclose(weights, expected, rtol=1e-5, atol=1e-9)
+    assert weights.dtype == torch.float64 and (weights >= 0).all()
+
+
 def test_auroc():
     corrupted = torch.tensor([True, True, False, False])
     assert auroc(torch.tensor([0.1, 0.2, 0.9, 0.8]), corrupted) == 1.0
@@ -105,6 +136,56 @@ def test_flip_negates_the_query_targets_of_the_corrupted_tasks_only():
     assert torch.equal(pool.tasks.support_y, clean.support_y)
 
 
+def _fake_omniglot(characters: int = 12) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, size=(characters, 20, 28, 28), dtype=np.uint8)
+
+
+def test_omniglot_flip_relabels_every_query_of_the_corrupted_tasks_only():
+    images = _fake_omniglot()
+    clean = OmniglotTasks(images, 5, 1, 2, rotations=True).sample(np.random.default_rng(3), 6)
+    pool = CorruptedOmniglot(images, 5, 1, 2).pool(np.random.default_rng(3), 6, corrupt=0.5)
+    bad = pool.corrupted
+    assert bad.tolist() == [True, True, True, False, False, False]
+    for name in ("support_x", "support_y", "query_x"):
+        assert torch.equal(getattr(pool.tasks, name), getattr(clean, name))
+    assert torch.equal(pool.tasks.query_y[~bad], clean.query_y[~bad])
+    shift = (pool.tasks.query_y[bad] - clean.query_y[bad]) % 5
+    assert (shift != 0).all() and (shift == shift[:, :1]).all()  # every query moved, by one shift per task
+    with pytest.raises(ValueError, match="ways >= 2"):
+        CorruptedOmniglot(images, 1, 1, 2)
+
+
+def test_omniglot_settings_take_their_own_defaults_and_refuse_noise():
+    config = NestedConfig(dataset="omniglot", steps=7)
+    defaults = nested_train.DATASET_DEFAULTS["omniglot"]
+    assert config.steps == 7 and config.shots == defaults["shots"] and config.lam == defaults["lam"]
+    assert NestedConfig().shots == nested_train.DATASET_DEFAULTS["sinusoid"]["shots"]
+    with pytest.raises(ValueError, match="corruption='flip'"):
+        NestedConfig(dataset="omniglot", corruption="noise")
+
+
+def test_omniglot_command_trains_and_reports_accuracy(tmp_path, capsys, monkeypatch):
+    images = _fake_omniglot()
+
+    class FakeOmniglot:
+        def split(self, scheme: str):
+            assert scheme == "random"
+            return images, images[:6]
+
+    monkeypatch.setattr(nested_train, "load_omniglot", lambda data_dir, cache_dir: FakeOmniglot())
+    out = tmp_path / "run"
+    args = ["nested", "--dataset", "omniglot", "--method", "influence", "--steps", "2", "--channels", "4",
+            "--train-tasks", "4", "--val-tasks", "2", "--test-tasks", "3", "--queries", "1", "--inner-steps", "1",
+            "--solver-steps", "2", "--weight-start", "0", "--weight-every", "1", "--outer-solver-steps", "2",
+            "--log-every", "1", "--checkpoint-every", "1", "--no-progress", "--out-dir", str(out)]
+    assert main(args) == 0
+    final = json.loads((out / "final.json").read_text())
+    assert 0 <= final["test_accuracy"] <= 1 and final["test_accuracy_ci95"] >= 0 and np.isfinite(final["test_loss"])
+    assert sum(final["outer_solves"].values()) == 2 and len(final["weights"]) == 4
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2] and all("val_accuracy" in r for r in records)
+
+
 def test_command_runs_and_learned_weights_stay_nonnegative(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["nested", "--method", "nested", "--steps", "4", "--weight-lr", "5", "--out-dir", str(out), *TINY]) == 0
@@ -122,10 +203,12 @@ def test_command_runs_and_learned_weights_stay_nonnegative(tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
 
 
-def test_resume_gives_the_uninterrupted_result(tmp_path):
+@pytest.mark.parametrize("method", ["nested", "influence"])
+def test_resume_gives_the_uninterrupted_result(tmp_path, method):
     whole, split = tmp_path / "whole", tmp_path / "split"
-    assert main(["nested", "--steps", "4", "--out-dir", str(whole), *TINY]) == 0
-    assert main(["nested", "--steps", "2", "--out-dir", str(split), *TINY]) == 0
+    flags = ["--method", method, *TINY, "--weight-every", "3"]  # influence: step 2 uses the weights held from step 0
+    assert main(["nested", "--steps", "4", "--out-dir", str(whole), *flags]) == 0
+    assert main(["nested", "--steps", "2", "--out-dir", str(split), *flags]) == 0
     assert main(["nested", "--steps", "4", "--out-dir", str(split), "--resume", "--no-progress"]) == 0
     a, b = (json.loads((d / "final.json").read_text()) for d in (whole, split))
     assert a["steps"] == b["steps"] == 4 and a["weights"] != [1.0] * 4

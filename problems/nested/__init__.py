@@ -5,10 +5,11 @@ iMAML meta-objective (middle), per-task adaptation ``phi_i(theta)`` (inner),
 judged on clean validation tasks. See ``docs/nested.md``.
 """
 
-from bilevel.problems.nested.problem import (WEIGHTINGS, NestedData, NestedMAMLProblem, lookahead_weights,
-                                             task_weights)
-from bilevel.problems.nested.tasks import CorruptedSinusoid, TaskPool
-from bilevel.problems.nested.train import METHODS, NestedConfig, auroc, train
+from bilevel.problems.nested.problem import (WEIGHTINGS, NestedData, NestedMAMLProblem, influence_weights,
+                                             lookahead_weights, task_weights)
+from bilevel.problems.nested.tasks import CorruptedOmniglot, CorruptedSinusoid, TaskPool
+from bilevel.problems.nested.train import DATASETS, METHODS, NestedConfig, auroc, train
 
-__all__ = ["CorruptedSinusoid", "METHODS", "NestedConfig", "NestedData", "NestedMAMLProblem", "TaskPool", "WEIGHTINGS",
-           "auroc", "lookahead_weights", "task_weights", "train"]
+__all__ = ["CorruptedOmniglot", "CorruptedSinusoid", "DATASETS", "METHODS", "NestedConfig", "NestedData",
+           "NestedMAMLProblem", "TaskPool", "WEIGHTINGS", "auroc", "influence_weights", "lookahead_weights",
+           "task_weights", "train"]

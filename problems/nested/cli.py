@@ -1,10 +1,14 @@
-"""``bilevel nested``: NestedMAML and its baselines on sinusoid pools with corrupted training tasks.
+"""``bilevel nested``: NestedMAML and its baselines on task pools with corrupted training tasks.
 
 Examples::
 
     bilevel nested --method nested --corrupt 0.5 --seed 0 --out-dir runs/nested/nested-0
     bilevel nested --method maml --corrupt 0.5 --seed 0 --out-dir runs/nested/maml-0
     bilevel nested --out-dir runs/nested/nested-0 --resume --steps 2000   # continue, with the run's settings
+    bilevel nested --dataset omniglot --method nested --out-dir runs/nested/omniglot-0   # flipped query labels
+
+Sinusoid regression (the default) or Omniglot 5-way 1-shot classification; the
+settings marked per data set take that data set's default unless given.
 
 One run trains one method (maml, imaml, uniform, oracle, lookahead, nested) on one
 pool; benchmarks/nested.py runs them all over seeds. An output folder that holds
@@ -23,42 +27,63 @@ from bilevel.runs import add_run_flags, count, real, track_given
 
 def register(subparsers: Any) -> None:
     """Add the ``nested`` subcommand."""
+    from bilevel.problems.imaml.omniglot import SPLITS
+
     from .problem import WEIGHTINGS
     from .tasks import CORRUPTIONS
-    from .train import METHODS, NestedConfig
+    from .train import DATASET_DEFAULTS, DATASETS, METHODS, NestedConfig
 
     d = NestedConfig()
+
+    def per_dataset(name: str) -> str:
+        return "(default: " + ", ".join(f"{k} {v[name]}" for k, v in DATASET_DEFAULTS.items()) + ")"
+
     parser = subparsers.add_parser("nested", help="NestedMAML: learn which training tasks to trust",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     track_given(parser)
     parser.add_argument("--method", choices=METHODS, default=d.method, help="(default: %(default)s)")
     data = parser.add_argument_group("tasks")
+    data.add_argument("--dataset", choices=DATASETS, default=d.dataset,
+                      help="sinusoid regression or Omniglot classification (default: %(default)s)")
     data.add_argument("--corrupt", type=real(0, 1, high_open=True), default=d.corrupt,
                       help="fraction of corrupted training tasks (default: %(default)s)")
     data.add_argument("--corruption", choices=CORRUPTIONS, default=d.corruption,
                       help="how a corrupted task is corrupted (default: %(default)s)")
     data.add_argument("--sigma", type=real(0), default=d.sigma, help="noise of a corrupted task (default: %(default)s)")
-    data.add_argument("--train-tasks", type=count(2), default=d.train_tasks, help="training pool size")
+    data.add_argument("--train-tasks", type=count(2), default=None,
+                      help="training pool size " + per_dataset("train_tasks"))
     data.add_argument("--val-tasks", type=count(1), default=d.val_tasks, help="clean validation tasks")
-    data.add_argument("--test-tasks", type=count(2), default=d.test_tasks, help="clean test tasks")
-    data.add_argument("--shots", type=count(1), default=d.shots, help="support points per task (K)")
-    data.add_argument("--queries", type=count(1), default=d.queries, help="query points per task")
+    data.add_argument("--test-tasks", type=count(2), default=None, help="clean test tasks " + per_dataset("test_tasks"))
+    data.add_argument("--shots", type=count(1), default=None,
+                      help="support points per task (Omniglot: per class) " + per_dataset("shots"))
+    data.add_argument("--queries", type=count(1), default=None,
+                      help="query points per task (Omniglot: per class) " + per_dataset("queries"))
+    data.add_argument("--ways", type=count(2), default=d.ways, help="Omniglot: classes per task (default: %(default)s)")
+    data.add_argument("--channels", type=count(1), default=d.channels,
+                      help="Omniglot: channels of the convolutional network (default: %(default)s)")
+    data.add_argument("--split", choices=SPLITS, default=d.split,
+                      help="Omniglot: meta-train/meta-test characters (default: %(default)s)")
+    data.add_argument("--data-dir", default=None, help="Omniglot: folder of the archives (bilevel.datadir)")
+    data.add_argument("--cache-dir", default=None, help="Omniglot: folder of the decoded-image cache")
     algo = parser.add_argument_group("algorithm")
-    algo.add_argument("--lam", type=real(0, low_open=True), default=d.lam, help="iMAML's proximal strength")
-    algo.add_argument("--inner-lr", type=real(0, low_open=True), default=d.inner_lr,
-                      help="first Armijo trial step (iMAML), fixed step (MAML)")
-    algo.add_argument("--inner-steps", type=count(1), default=d.inner_steps, help="Armijo steps of the adaptation")
+    algo.add_argument("--lam", type=real(0, low_open=True), default=None,
+                      help="iMAML's proximal strength " + per_dataset("lam"))
+    algo.add_argument("--inner-lr", type=real(0, low_open=True), default=None,
+                      help="first Armijo trial step (iMAML), fixed step (MAML) " + per_dataset("inner_lr"))
+    algo.add_argument("--inner-steps", type=count(1), default=None,
+                      help="Armijo steps of the adaptation " + per_dataset("inner_steps"))
     algo.add_argument("--inner-tol", type=real(0), default=d.inner_tol,
                       help="a task whose inner gradient norm is at most this stops moving")
-    algo.add_argument("--maml-inner-steps", type=count(1), default=d.maml_inner_steps,
-                      help="MAML's plain inner steps of --inner-lr")
+    algo.add_argument("--maml-inner-steps", type=count(1), default=None,
+                      help="MAML's plain inner steps of --inner-lr " + per_dataset("maml_inner_steps"))
     algo.add_argument("--solver-steps", type=count(1), default=d.solver_steps,
                       help="MINRES iterations of each task's meta-gradient")
     algo.add_argument("--solver-rtol", type=real(0, low_open=True), default=d.solver_rtol,
                       help="relative residual at which a task's MINRES solve stops")
     algo.add_argument("--mu", type=real(0), default=d.mu, help="L2 strength of the middle level")
-    algo.add_argument("--meta-lr", type=real(0, low_open=True), default=d.meta_lr, help="Adam step on theta")
-    algo.add_argument("--steps", type=count(1), default=d.steps, help="meta-steps (default: %(default)s)")
+    algo.add_argument("--meta-lr", type=real(0, low_open=True), default=None,
+                      help="Adam step on theta " + per_dataset("meta_lr"))
+    algo.add_argument("--steps", type=count(1), default=None, help="meta-steps " + per_dataset("steps"))
     algo.add_argument("--weighting", choices=WEIGHTINGS, default=d.weighting,
                       help="w = N softmax(u) or w = 2 sigmoid(u) (default: %(default)s)")
     algo.add_argument("--weight-lr", type=real(0, low_open=True), default=d.weight_lr, help="Adam step on u")

@@ -26,11 +26,14 @@ Hessian-vector products of the meta-objective) and solves
     (d_theta G)^T v = grad_theta F,    dF/du = -(d_u G)^T v,   (d_u G)^T v = d w/d u^T [-(1/N) m_i . v]_i.
 
 :func:`lookahead_weights` is the original's first-order rule instead (in the
-style of learning to reweight; Ren et al., ICML 2018).
+style of learning to reweight; Ren et al., ICML 2018), and :func:`influence_weights`
+the same per-step rule with the implicit response of the middle level in place of
+its one-step look-ahead.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple
 
 import torch
@@ -41,7 +44,7 @@ from bilevel.problems.imaml import IMAMLProblem, Task
 from bilevel.problems.imaml.models import Params
 from bilevel.solvers import CG, LinearSolver
 
-__all__ = ["NestedData", "NestedMAMLProblem", "WEIGHTINGS", "lookahead_weights", "task_weights"]
+__all__ = ["NestedData", "NestedMAMLProblem", "WEIGHTINGS", "influence_weights", "lookahead_weights", "task_weights"]
 
 WEIGHTINGS = ("softmax", "sigmoid")
 
@@ -63,6 +66,13 @@ def task_weights(u: Tensor, weighting: str = "softmax") -> Tensor:
     raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
 
+def _clamped_and_normalized(score: Tensor) -> Tensor:
+    """``score`` clamped at 0 and scaled to sum ``N``; all ones when no score is positive."""
+    w = score.clamp(min=0)
+    total = w.sum()
+    return torch.where(total > 0, len(w) * w / total.clamp(min=torch.finfo(w.dtype).tiny), torch.ones_like(w))
+
+
 def lookahead_weights(task_grads: Params, val_grad: Params) -> Tensor:
     """The first-order look-ahead rule of NestedMAML's released code (learning to reweight).
 
@@ -72,9 +82,26 @@ def lookahead_weights(task_grads: Params, val_grad: Params) -> Tensor:
     task agrees with the validation gradient).
     """
     score = sum((g.flatten(1) * val_grad[k].flatten()).sum(1) for k, g in task_grads.items())
-    w = score.clamp(min=0)
-    total = w.sum()
-    return torch.where(total > 0, len(w) * w / total.clamp(min=torch.finfo(w.dtype).tiny), torch.ones_like(w))
+    return _clamped_and_normalized(score)
+
+
+def influence_weights(problem: "NestedMAMLProblem", theta: Params, data: "NestedData",
+                      solver: LinearSolver) -> tuple[Tensor, bilevel.HypergradientResult]:
+    """The look-ahead rule with the middle level's implicit response: per-step weights from each task's
+    influence on the validation loss (Koh and Liang, ICML 2017), and the hypergradient that gave them.
+
+    At uniform weights ``w = 1``, ``-dF/dw_i = (1/N) m_i . v`` with ``(d_theta G)^T v = grad_theta F``
+    (:func:`bilevel.hypergradient`, ``solver`` for the adjoint system, linearized at ``theta``): how much
+    the validation loss at the middle level's optimum falls as task ``i`` weighs more. The weights are
+    that score clamped at 0 and normalized to sum ``N``, like :func:`lookahead_weights`, whose score is
+    the same with ``(d_theta G)^{-1}`` replaced by a step size times the identity.
+    """
+    at_uniform = copy.copy(problem)
+    at_uniform.weighting = "sigmoid"  # w = 2 sigmoid(u): w = 1 and dw/du = 1/2 at u = 0
+    like = next(iter(theta.values()))
+    u = torch.zeros(len(data.train.query_y), dtype=like.dtype, device=like.device)
+    hyper = bilevel.hypergradient(at_uniform, u, data, init=theta, solver=solver, on_failure="ignore")
+    return _clamped_and_normalized(-2 * hyper.grad), hyper
 
 
 class NestedMAMLProblem(bilevel.BilevelProblem):

@@ -1,4 +1,4 @@
-"""Sinusoid task pools in which a known fraction of the training tasks is corrupted.
+"""Task pools (sinusoid, Omniglot) in which a known fraction of the training tasks is corrupted.
 
 NestedMAML (Killamsetty, Li, Zhao, Chen, Iyer; AAAI 2022) meta-trains on a
 *fixed* pool of ``N`` training tasks, some of them harmful, and learns one
@@ -24,6 +24,13 @@ Two corruptions (``corruption=``):
 
 Both corruptions draw the same random numbers, so pools of one seed hold the same
 sinusoids whichever is chosen. Validation and test tasks are always clean.
+
+:class:`CorruptedOmniglot` draws N-way K-shot Omniglot tasks
+(:class:`~bilevel.problems.imaml.OmniglotTasks`) and *flips the labels* of a
+corrupted task's queries: every query label ``y`` becomes ``(y + s) mod N`` for a
+shift ``s`` in ``1..N-1`` drawn per task, so each query is labelled as another
+class of the same task, consistently, and the query set contradicts the support
+set (the classification form of ``"flip"`` above).
 """
 
 from __future__ import annotations
@@ -34,9 +41,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bilevel.problems.imaml import SinusoidTasks, Task
+from bilevel.problems.imaml import OmniglotTasks, SinusoidTasks, Task
 
-__all__ = ["CORRUPTIONS", "CorruptedSinusoid", "TaskPool"]
+__all__ = ["CORRUPTIONS", "CorruptedOmniglot", "CorruptedSinusoid", "TaskPool"]
 
 CORRUPTIONS = ("noise", "flip")
 
@@ -51,6 +58,12 @@ class TaskPool(NamedTuple):
         """The pool without its corrupted tasks (the oracle's training set)."""
         keep = ~self.corrupted
         return TaskPool(Task(*(t[keep] for t in self.tasks)), self.corrupted[keep])
+
+
+def _corrupted_count(size: int, corrupt: float) -> int:
+    if not 0.0 <= corrupt <= 1.0:
+        raise ValueError(f"corrupt must be in [0, 1], got {corrupt}")
+    return int(round(corrupt * size))
 
 
 class CorruptedSinusoid:
@@ -74,9 +87,7 @@ class CorruptedSinusoid:
     def pool(self, rng: np.random.Generator, size: int, corrupt: float = 0.0,
              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> TaskPool:
         """``size`` tasks, the first ``round(corrupt * size)`` of them corrupted."""
-        if not 0.0 <= corrupt <= 1.0:
-            raise ValueError(f"corrupt must be in [0, 1], got {corrupt}")
-        n_bad = int(round(corrupt * size))
+        n_bad = _corrupted_count(size, corrupt)
         tasks = self.sampler.sample(rng, size)
         noise = rng.standard_normal((n_bad, self.sampler.shots + self.sampler.queries, 1))
         k = self.sampler.shots
@@ -89,3 +100,31 @@ class CorruptedSinusoid:
         tasks = Task(tasks.support_x, support_y, tasks.query_x, query_y)
         corrupted = torch.arange(size) < n_bad
         return TaskPool(Task(*(t.to(device=device, dtype=dtype) for t in tasks)), corrupted.to(device))
+
+
+class CorruptedOmniglot:
+    """Omniglot pools of ``ways``-way ``shots``-shot tasks with ``queries`` queries per class, whose
+    corrupted tasks have their query labels flipped (shifted by ``1..ways-1`` classes, per task).
+
+    Args:
+        images: uint8 ``(characters, drawers, 28, 28)``, the characters to draw tasks from.
+        ways, shots, queries: classes per task, support and query drawings per class.
+        rotations: the rotated characters are classes of their own (as in meta-training).
+    """
+
+    def __init__(self, images: np.ndarray, ways: int, shots: int, queries: int, *, rotations: bool = True):
+        if ways < 2:
+            raise ValueError(f"flipping labels needs ways >= 2 classes, got {ways}")
+        self.sampler = OmniglotTasks(images, ways, shots, queries, rotations=rotations)
+
+    def pool(self, rng: np.random.Generator, size: int, corrupt: float = 0.0,
+             dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> TaskPool:
+        """``size`` tasks, the first ``round(corrupt * size)`` of them with flipped query labels."""
+        n_bad = _corrupted_count(size, corrupt)
+        tasks = self.sampler.sample(rng, size)
+        shift = torch.as_tensor(rng.integers(1, self.sampler.ways, n_bad), dtype=tasks.query_y.dtype)
+        query_y = tasks.query_y.clone()
+        query_y[:n_bad] = (query_y[:n_bad] + shift[:, None]) % self.sampler.ways
+        tasks = Task(tasks.support_x.to(dtype), tasks.support_y, tasks.query_x.to(dtype), query_y)
+        corrupted = torch.arange(size) < n_bad
+        return TaskPool(tasks.to(device), corrupted.to(device))

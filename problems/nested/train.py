@@ -9,6 +9,9 @@ Adam steps, and is scored on fresh clean test tasks after adaptation:
 ``uniform``    the nested problem's middle level with fixed weights ``w = 1``
 ``oracle``     the same with weight 0 on the corrupted tasks (they are dropped)
 ``lookahead``  per-step weights from :func:`~.problem.lookahead_weights` (NestedMAML's released rule)
+``influence``  the look-ahead rule with the implicit response (:func:`~.problem.influence_weights`):
+               uniform weights before ``weight_start``, then fresh weights every ``weight_every`` steps,
+               held in between; its adjoint solve as ``nested``'s
 ``nested``     learned weights ``w(u)`` (``weighting``: ``N softmax(u)`` or ``2 sigmoid(u)``): from step
                ``weight_start`` on, every ``weight_every`` theta-steps one Adam step on ``u`` along the
                implicit hypergradient
@@ -47,46 +50,71 @@ from torch import Tensor
 import bilevel
 from bilevel.checkpoint import file_patterns, load_for_resume
 from bilevel.checkpoint import save as save_checkpoint
-from bilevel.problems.imaml import IMAMLProblem, adapt, meta_gradient, mlp_forward, mlp_init, mse
+from bilevel.problems.imaml import (IMAMLProblem, Task, adapt, conv4_forward, conv4_init, cross_entropy, meta_gradient,
+                                   mlp_forward, mlp_init, mse)
 from bilevel.problems.imaml.models import Params
-from bilevel.problems.nested.problem import (WEIGHTINGS, NestedData, NestedMAMLProblem, lookahead_weights,
-                                             task_weights)
-from bilevel.problems.nested.tasks import CorruptedSinusoid, TaskPool
+from bilevel.problems.imaml.omniglot import SPLITS, load_omniglot
+from bilevel.problems.imaml.problem import balanced_groups
+from bilevel.problems.nested.problem import (WEIGHTINGS, NestedData, NestedMAMLProblem, influence_weights,
+                                             lookahead_weights, task_weights)
+from bilevel.problems.nested.tasks import CorruptedOmniglot, CorruptedSinusoid, TaskPool
 from bilevel.runs import output_patterns, prepare_output, read_records, write_records, write_text_atomic
 from bilevel.solvers import GMRES, MINRES, Status
 
-__all__ = ["CHECKPOINT", "METHODS", "NestedConfig", "RESUMABLE", "RUN_FILES", "auroc", "saved_settings", "train"]
+__all__ = ["CHECKPOINT", "DATASETS", "DATASET_DEFAULTS", "METHODS", "NestedConfig", "RESUMABLE", "RUN_FILES", "auroc",
+           "saved_settings", "train"]
 
-METHODS = ("maml", "imaml", "uniform", "oracle", "lookahead", "nested")
+METHODS = ("maml", "imaml", "uniform", "oracle", "lookahead", "influence", "nested")
 CHECKPOINT = "checkpoint.pt"
 RUN_FILES = (*file_patterns(CHECKPOINT), *output_patterns("metrics.jsonl", "final.json"))
-RESUMABLE = frozenset({"steps", "log_every", "checkpoint_every"})
+RESUMABLE = frozenset({"steps", "log_every", "checkpoint_every", "data_dir", "cache_dir"})
 """Settings a resumed run may change; every other one must match the checkpoint."""
+
+
+DATASETS = ("sinusoid", "omniglot")
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    # The documented sinusoid K = 10 setting (docs/nested.md, "How the settings were chosen").
+    "sinusoid": dict(shots=10, queries=10, lam=10.0, inner_lr=0.02, inner_steps=20, maml_inner_steps=10,
+                     meta_lr=3e-3, train_tasks=40, test_tasks=1000, steps=400),
+    # Omniglot 5-way 1-shot sized for a CPU (docs/nested.md, "Omniglot with flipped labels").
+    "omniglot": dict(shots=1, queries=5, lam=2.0, inner_lr=0.1, inner_steps=8, maml_inner_steps=5,
+                     meta_lr=1e-3, train_tasks=20, test_tasks=600, steps=200),
+}
 
 
 @dataclass(frozen=True)
 class NestedConfig:
-    """Settings of one run (the defaults are the documented sinusoid K = 10 setting)."""
+    """Settings of one run. ``None`` fields take the data set's default (:data:`DATASET_DEFAULTS`).
+
+    ``dataset``: ``"sinusoid"`` (regression, the 1-40-40-1 network, test MSE) or ``"omniglot"``
+    (``ways``-way classification with the ``channels``-wide four-block convolutional network,
+    tasks of the ``split``'s meta-training characters, test tasks of its meta-test characters,
+    test accuracy; ``corruption`` must be ``"flip"``).
+    """
 
     method: str = "nested"
+    dataset: str = "sinusoid"
     corrupt: float = 0.5
     sigma: float = 3.0
-    train_tasks: int = 40
+    train_tasks: int | None = None
     val_tasks: int = 10
-    test_tasks: int = 1000
-    shots: int = 10
-    queries: int = 10
+    test_tasks: int | None = None
+    shots: int | None = None
+    queries: int | None = None
+    ways: int = 5
+    channels: int = 32
+    split: str = "random"
     corruption: str = "flip"
-    lam: float = 10.0
-    inner_lr: float = 0.02
-    inner_steps: int = 20
+    lam: float | None = None
+    inner_lr: float | None = None
+    inner_steps: int | None = None
     inner_tol: float = 1e-3
-    maml_inner_steps: int = 10
+    maml_inner_steps: int | None = None
     solver_steps: int = 20
     solver_rtol: float = 1e-2
     mu: float = 1e-3
-    meta_lr: float = 3e-3
-    steps: int = 400
+    meta_lr: float | None = None
+    steps: int | None = None
     weighting: str = "softmax"
     weight_lr: float = 0.3
     weight_decay: float = 0.0
@@ -97,14 +125,29 @@ class NestedConfig:
     seed: int = 0
     log_every: int = 100
     checkpoint_every: int = 100
+    data_dir: str | None = None
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if not 0.0 <= self.corrupt < 1.0:
             raise ValueError(f"corrupt must be in [0, 1) so that clean training tasks remain, got {self.corrupt}")
+        if self.dataset == "omniglot":
+            if self.corruption != "flip":
+                raise ValueError(f"Omniglot tasks are corrupted by flipping their query labels: use "
+                                 f"corruption='flip', got {self.corruption!r}")
+            if self.ways < 2:
+                raise ValueError(f"an Omniglot task needs ways >= 2 classes, got {self.ways}")
+            if self.split not in SPLITS:
+                raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        for name, value in DATASET_DEFAULTS[self.dataset].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
 
 
 def auroc(weights: Tensor, corrupted: Tensor) -> float:
@@ -116,13 +159,30 @@ def auroc(weights: Tensor, corrupted: Tensor) -> float:
     return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
 
 
-def _pools(config: NestedConfig, device: torch.device) -> tuple[TaskPool, NestedData, Any]:
-    family = CorruptedSinusoid(config.shots, config.queries, config.sigma, config.corruption)
-    rng = np.random.default_rng([config.seed, 0])
+def _pools(config: NestedConfig, device: torch.device) -> tuple[TaskPool, NestedData, Task]:
+    """The training pool (its first ``corrupt`` fraction corrupted), clean validation tasks from the
+    same distribution, and clean test tasks (Omniglot: of the meta-test characters, unrotated)."""
+    rng, test_rng = np.random.default_rng([config.seed, 0]), np.random.default_rng([config.seed, 1])
+    if config.dataset == "sinusoid":
+        family = test_family = CorruptedSinusoid(config.shots, config.queries, config.sigma, config.corruption)
+    else:
+        train_chars, test_chars = load_omniglot(config.data_dir, config.cache_dir).split(scheme=config.split)
+        family = CorruptedOmniglot(train_chars, config.ways, config.shots, config.queries)
+        test_family = CorruptedOmniglot(test_chars, config.ways, config.shots, config.queries, rotations=False)
     pool = family.pool(rng, config.train_tasks, config.corrupt, device=device)
     val = family.pool(rng, config.val_tasks, device=device).tasks
-    test = family.pool(np.random.default_rng([config.seed, 1]), config.test_tasks, device=device).tasks
+    test = test_family.pool(test_rng, config.test_tasks, device=device).tasks
     return pool, NestedData(pool.tasks, val), test
+
+
+def _network(config: NestedConfig) -> tuple[Any, Any, Params, Any]:
+    """``forward``, ``loss``, initial parameters (seeded by ``config.seed``) and the query scoring
+    of evaluations (Omniglot: batch norm over class-balanced groups of the support's composition)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    if config.dataset == "sinusoid":
+        return mlp_forward, mse, mlp_init(generator=generator), None
+    init = conv4_init(config.ways, config.channels, generator=generator)
+    return conv4_forward, cross_entropy, init, balanced_groups(conv4_forward, config.ways, config.shots)
 
 
 class _Run:
@@ -131,12 +191,13 @@ class _Run:
     def __init__(self, config: NestedConfig, device: torch.device):
         self.config = config
         self.pool, self.data, self.test_tasks = _pools(config, device)
-        self.imaml = IMAMLProblem(mlp_forward, mse, lam=config.lam, inner_lr=config.inner_lr,
+        forward, loss, init, self.query_forward = _network(config)
+        self.imaml = IMAMLProblem(forward, loss, lam=config.lam, inner_lr=config.inner_lr,
                                   inner_steps=config.inner_steps, inner_optimizer="armijo", inner_tol=config.inner_tol)
-        self.maml = IMAMLProblem(mlp_forward, mse, lam=0.0, inner_lr=config.inner_lr,
+        self.maml = IMAMLProblem(forward, loss, lam=0.0, inner_lr=config.inner_lr,
                                  inner_steps=config.maml_inner_steps)
         self.solver = MINRES(maxiter=config.solver_steps, rtol=config.solver_rtol)
-        theta = {k: v.to(device) for k, v in mlp_init(generator=torch.Generator().manual_seed(config.seed)).items()}
+        theta = {k: v.to(device) for k, v in init.items()}
         self.problem = NestedMAMLProblem(self.imaml, theta, mu=config.mu, adapt_solver=self.solver,
                                          weighting=config.weighting)
         self.theta = {k: v.clone().requires_grad_() for k, v in theta.items()}
@@ -144,8 +205,9 @@ class _Run:
         n = config.train_tasks
         self.u = torch.zeros(n, device=device, requires_grad=True)
         self.u_opt = torch.optim.Adam([self.u], lr=config.weight_lr, weight_decay=config.weight_decay)
-        self.weight_sum = torch.zeros(n, device=device)  # lookahead: the per-step weights, summed
-        self.outer_solves: dict[str, int] = {}  # nested: the weight updates' adjoint solve statuses, counted
+        self.weight_sum = torch.zeros(n, device=device)  # lookahead, influence: the per-step weights, summed
+        self.held = torch.ones(n, device=device)  # influence: the weights of the latest update
+        self.outer_solves: dict[str, int] = {}  # nested, influence: the weight updates' adjoint solves by status
         self.step, self.elapsed = 0, 0.0
 
     def weights(self) -> Tensor:
@@ -153,7 +215,7 @@ class _Run:
         n, bad = self.config.train_tasks, self.pool.corrupted
         if self.config.method == "nested":
             return task_weights(self.u.detach(), self.config.weighting)
-        if self.config.method == "lookahead" and self.step:
+        if self.config.method in ("lookahead", "influence") and self.step:
             return self.weight_sum / self.step
         if self.config.method == "oracle":
             return (~bad).float() * n / int((~bad).sum())
@@ -169,24 +231,36 @@ class _Run:
             clean = self.pool.clean().tasks
             ones = torch.ones(len(clean.query_y), device=self.u.device)
             return self.problem.weighted_meta_gradient(theta, ones, clean)
+        if method == "influence" and self.weight_update_due():
+            self.held, hyper = influence_weights(self.problem, theta, self.data, self.outer_solver())
+            self.count_outer_solve(hyper)
         m = self.problem.task_meta_gradients(theta, tasks)
         if method == "lookahead":
             val_grad = torch.func.grad(self.problem.validation_loss)(theta, self.data.val)
             w = lookahead_weights(m, val_grad)
-            self.weight_sum += w
         else:
-            w = self.weights()
+            w = self.held if method == "influence" else self.weights()
+        if method in ("lookahead", "influence"):
+            self.weight_sum += w
         return self.problem.middle_gradient(theta, w, m)
+
+    def weight_update_due(self) -> bool:
+        return self.step >= self.config.weight_start and self.step % self.config.weight_every == 0
+
+    def outer_solver(self) -> GMRES:
+        """The weight updates' adjoint solver: GMRES capped at ``outer_solver_steps``, ridge ``outer_ridge``."""
+        return GMRES(maxiter=self.config.outer_solver_steps, ridge=self.config.outer_ridge)
+
+    def count_outer_solve(self, hyper: bilevel.HypergradientResult) -> None:
+        name = Status(int(hyper.solve.status)).name.lower()
+        self.outer_solves[name] = self.outer_solves.get(name, 0) + 1
 
     def train_step(self) -> None:
         theta = {k: v.detach() for k, v in self.theta.items()}
-        c = self.config
-        if c.method == "nested" and self.step >= c.weight_start and self.step % c.weight_every == 0:
-            solver = GMRES(maxiter=c.outer_solver_steps, ridge=c.outer_ridge)
-            hyper = bilevel.hypergradient(self.problem, self.u.detach(), self.data, init=theta, solver=solver,
-                                          on_failure="ignore")
-            name = Status(int(hyper.solve.status)).name.lower()
-            self.outer_solves[name] = self.outer_solves.get(name, 0) + 1
+        if self.config.method == "nested" and self.weight_update_due():
+            hyper = bilevel.hypergradient(self.problem, self.u.detach(), self.data, init=theta,
+                                          solver=self.outer_solver(), on_failure="ignore")
+            self.count_outer_solve(hyper)
             self.u.grad = hyper.grad
             self.u_opt.step()
         grads = self.meta_grad(theta)
@@ -198,28 +272,36 @@ class _Run:
     def problem_for_eval(self) -> IMAMLProblem:
         return self.maml if self.config.method == "maml" else self.imaml
 
-    def validation(self) -> dict[str, float]:
+    def scores(self, tasks: Task, prefix: str) -> dict[str, float]:
+        """Query scores after adaptation from the current meta-parameters: sinusoid ``<prefix>_mse``;
+        Omniglot ``<prefix>_loss`` and ``<prefix>_accuracy``; each with its 95% interval over tasks."""
         theta = {k: v.detach() for k, v in self.theta.items()}
-        loss = adapt(self.problem_for_eval(), theta, self.data.val).loss_after.mean()
-        record = {"step": self.step, "val_mse": float(loss), "auroc": auroc(self.weights(), self.pool.corrupted),
+        out = adapt(self.problem_for_eval(), theta, tasks, query_forward=self.query_forward)
+        loss = "mse" if self.config.dataset == "sinusoid" else "loss"
+        per_task = {loss: out.loss_after.double()}
+        if self.config.dataset == "omniglot":
+            per_task["accuracy"] = (out.output_after.argmax(-1) == tasks.query_y).double().mean(-1)
+        scores = {f"{prefix}_{name}{tail}": value for name, v in per_task.items()
+                  for tail, value in (("", float(v.mean())), ("_ci95", float(1.96 * v.std() / math.sqrt(len(v)))))}
+        return {**scores, f"{prefix}_{loss}_before": float(out.loss_before.double().mean())}
+
+    def validation(self) -> dict[str, float]:
+        scores = {k: v for k, v in self.scores(self.data.val, "val").items() if not k.endswith(("_ci95", "_before"))}
+        record = {"step": self.step, **scores, "auroc": auroc(self.weights(), self.pool.corrupted),
                   "seconds": self.elapsed}
-        if self.config.method == "nested":
+        if self.config.method in ("nested", "influence"):
             record["outer_solves"] = dict(self.outer_solves)
         return record
 
     def test(self) -> dict[str, Any]:
-        theta = {k: v.detach() for k, v in self.theta.items()}
-        out = adapt(self.problem_for_eval(), theta, self.test_tasks)
-        after = out.loss_after.double()
         w = self.weights()
-        return {"test_mse": float(after.mean()), "test_mse_ci95": float(1.96 * after.std() / math.sqrt(len(after))),
-                "test_mse_before": float(out.loss_before.mean()), "auroc": auroc(w, self.pool.corrupted),
+        return {**self.scores(self.test_tasks, "test"), "auroc": auroc(w, self.pool.corrupted),
                 "weights": [round(float(x), 5) for x in w], "corrupted": [bool(b) for b in self.pool.corrupted]}
 
     def state_dict(self) -> dict[str, Any]:
         return {"theta": {k: v.detach() for k, v in self.theta.items()}, "opt": self.opt.state_dict(),
                 "u": self.u.detach(), "u_opt": self.u_opt.state_dict(), "weight_sum": self.weight_sum,
-                "step": self.step, "elapsed": self.elapsed, "outer_solves": dict(self.outer_solves)}
+                "held": self.held, "step": self.step, "elapsed": self.elapsed, "outer_solves": dict(self.outer_solves)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
@@ -227,6 +309,7 @@ class _Run:
                 v.copy_(state["theta"][k])
             self.u.copy_(state["u"])
             self.weight_sum.copy_(state["weight_sum"])
+            self.held.copy_(state.get("held", self.held))  # absent from checkpoints written before it
         self.opt.load_state_dict(state["opt"])
         self.u_opt.load_state_dict(state["u_opt"])
         self.step, self.elapsed = state["step"], state["elapsed"]
@@ -282,14 +365,15 @@ def train(config: NestedConfig, out_dir: str | Path, *, resume: bool | str = Fal
             records.append(run.validation())
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(records[-1]) + "\n")
-            bar.set_postfix(val=f"{records[-1]['val_mse']:.3f}", auroc=f"{records[-1]['auroc']:.2f}")
+            val = records[-1].get("val_mse", records[-1].get("val_accuracy"))
+            bar.set_postfix(val=f"{val:.3f}", auroc=f"{records[-1]['auroc']:.2f}")
         if run.step % config.checkpoint_every == 0:
             save()
     bar.close()
     save()
     final = {"method": config.method, "seed": config.seed, "corrupt": config.corrupt, "steps": run.step,
              "seconds": run.elapsed, "peak_mib": _peak_mib(device), "device": str(device), **run.test(),
-             **({"outer_solves": dict(run.outer_solves)} if config.method == "nested" else {}),
+             **({"outer_solves": dict(run.outer_solves)} if config.method in ("nested", "influence") else {}),
              "settings": settings}
     write_text_atomic(out / "final.json", json.dumps(final, indent=1) + "\n")
     return final
