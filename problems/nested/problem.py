@@ -50,10 +50,12 @@ WEIGHTINGS = ("softmax", "sigmoid")
 
 
 class NestedData(NamedTuple):
-    """The training pool (batched tasks, some corrupted) and the clean validation tasks."""
+    """The training tasks (batched, some corrupted), the clean validation tasks, and, when ``train`` is a
+    meta-batch drawn from a larger pool, the pool positions of its tasks (``None``: ``train`` is the pool)."""
 
     train: Task
     val: Task
+    index: Tensor | None = None
 
 
 def task_weights(u: Tensor, weighting: str = "softmax") -> Tensor:
@@ -94,8 +96,10 @@ def influence_weights(problem: "NestedMAMLProblem", theta: Params, data: "Nested
     (:func:`bilevel.hypergradient`, ``solver`` for the adjoint system, linearized at ``theta``): how much
     the validation loss at the middle level's optimum falls as task ``i`` weighs more. The weights are
     that score clamped at 0 and normalized to sum ``N``, like :func:`lookahead_weights`, whose score is
-    the same with ``(d_theta G)^{-1}`` replaced by a step size times the identity.
+    the same with ``(d_theta G)^{-1}`` replaced by a step size times the identity. On a meta-batch
+    (``data.index``) the batch's tasks are the ``N`` tasks.
     """
+    data = data._replace(index=None)
     at_uniform = copy.copy(problem)
     at_uniform.weighting = "sigmoid"  # w = 2 sigmoid(u): w = 1 and dw/du = 1/2 at u = 0
     like = next(iter(theta.values()))
@@ -164,8 +168,10 @@ class NestedMAMLProblem(bilevel.BilevelProblem):
         return torch.func.vmap(self.adapted_loss, in_dims=(None, 0))(theta, tasks).mean()
 
     def optimality(self, theta: Params, u: Tensor, data: NestedData) -> Params:
-        """``G(theta, u)``: the middle level's stationarity condition."""
-        return self.weighted_meta_gradient(theta, task_weights(u, self.weighting), data.train)
+        """``G(theta, u)``: the middle level's stationarity condition; on a meta-batch ``B`` of the pool
+        (``data.index``), its unbiased estimate ``1/|B| sum_{i in B} w_i(u) m_i + mu theta``."""
+        w = task_weights(u, self.weighting)
+        return self.weighted_meta_gradient(theta, w if data.index is None else w[data.index], data.train)
 
     def outer_objective(self, theta: Params, u: Tensor, data: NestedData) -> Tensor:
         """``F``: the clean validation tasks' query loss after adaptation."""

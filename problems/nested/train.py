@@ -86,6 +86,8 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 class NestedConfig:
     """Settings of one run. ``None`` fields take the data set's default (:data:`DATASET_DEFAULTS`).
 
+    ``meta_batch``: the tasks drawn (without replacement, uniformly; the oracle from the clean ones)
+    from the pool at each step, for every method, ``None`` for the whole pool (full batch).
     ``dataset``: ``"sinusoid"`` (regression, the 1-40-40-1 network, test MSE) or ``"omniglot"``
     (``ways``-way classification with the ``channels``-wide four-block convolutional network,
     tasks of the ``split``'s meta-training characters, test tasks of its meta-test characters,
@@ -95,6 +97,7 @@ class NestedConfig:
     method: str = "nested"
     dataset: str = "sinusoid"
     corrupt: float = 0.5
+    meta_batch: int | None = None
     sigma: float = 3.0
     train_tasks: int | None = None
     val_tasks: int = 10
@@ -148,6 +151,10 @@ class NestedConfig:
         for name, value in DATASET_DEFAULTS[self.dataset].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
+        clean = self.train_tasks - int(round(self.corrupt * self.train_tasks))
+        if self.meta_batch is not None and not 1 <= self.meta_batch <= clean:
+            raise ValueError(f"meta_batch must be between 1 and the pool's {clean} clean tasks (the oracle draws "
+                             f"from those), got {self.meta_batch}; or None for the whole pool")
 
 
 def auroc(weights: Tensor, corrupted: Tensor) -> float:
@@ -205,8 +212,10 @@ class _Run:
         n = config.train_tasks
         self.u = torch.zeros(n, device=device, requires_grad=True)
         self.u_opt = torch.optim.Adam([self.u], lr=config.weight_lr, weight_decay=config.weight_decay)
-        self.weight_sum = torch.zeros(n, device=device)  # lookahead, influence: the per-step weights, summed
-        self.held = torch.ones(n, device=device)  # influence: the weights of the latest update
+        self.weight_sum = torch.zeros(n, device=device)  # lookahead, influence: each task's per-step weights, summed
+        self.seen = torch.zeros(n, device=device)  # lookahead, influence: the steps that drew each task
+        self.held = torch.ones(n, device=device)  # influence: each task's weight from its latest update
+        self.batches = np.random.default_rng([config.seed, 2])  # the meta-batches' draws
         self.outer_solves: dict[str, int] = {}  # nested, influence: the weight updates' adjoint solves by status
         self.step, self.elapsed = 0, 0.0
 
@@ -215,33 +224,46 @@ class _Run:
         n, bad = self.config.train_tasks, self.pool.corrupted
         if self.config.method == "nested":
             return task_weights(self.u.detach(), self.config.weighting)
-        if self.config.method in ("lookahead", "influence") and self.step:
-            return self.weight_sum / self.step
+        if self.config.method in ("lookahead", "influence"):
+            return torch.where(self.seen > 0, self.weight_sum / self.seen.clamp(min=1), 1.0)
         if self.config.method == "oracle":
             return (~bad).float() * n / int((~bad).sum())
         return torch.ones(n, device=bad.device)
 
-    def meta_grad(self, theta: Params) -> Params:
-        method, tasks = self.config.method, self.data.train
+    def draw(self) -> NestedData:
+        """This step's training tasks: the whole pool (the oracle: its clean tasks), or a meta-batch of it."""
+        c, bad = self.config, self.pool.corrupted
+        candidates = torch.nonzero(~bad).flatten() if c.method == "oracle" else torch.arange(len(bad),
+                                                                                            device=bad.device)
+        if c.meta_batch is not None:
+            pick = np.sort(self.batches.choice(len(candidates), c.meta_batch, replace=False))
+            candidates = candidates[torch.as_tensor(pick, device=bad.device)]
+        if c.meta_batch is None and c.method != "oracle":
+            return self.data
+        return NestedData(Task(*(t[candidates] for t in self.pool.tasks)), self.data.val, candidates)
+
+    def meta_grad(self, theta: Params, data: NestedData) -> Params:
+        method, tasks = self.config.method, data.train
         if method == "maml":
             return meta_gradient(self.maml, theta, tasks, mode="unrolled").grad
         if method == "imaml":
             return meta_gradient(self.imaml, theta, tasks, solver=self.solver).grad
-        if method == "oracle":  # the clean tasks alone, equally weighted
-            clean = self.pool.clean().tasks
-            ones = torch.ones(len(clean.query_y), device=self.u.device)
-            return self.problem.weighted_meta_gradient(theta, ones, clean)
+        if method == "oracle":  # clean tasks alone, equally weighted
+            return self.problem.weighted_meta_gradient(theta, torch.ones(len(tasks.query_y), device=self.u.device),
+                                                       tasks)
+        index = torch.arange(len(tasks.query_y), device=self.u.device) if data.index is None else data.index
         if method == "influence" and self.weight_update_due():
-            self.held, hyper = influence_weights(self.problem, theta, self.data, self.outer_solver())
+            self.held[index], hyper = influence_weights(self.problem, theta, data, self.outer_solver())
             self.count_outer_solve(hyper)
         m = self.problem.task_meta_gradients(theta, tasks)
         if method == "lookahead":
-            val_grad = torch.func.grad(self.problem.validation_loss)(theta, self.data.val)
+            val_grad = torch.func.grad(self.problem.validation_loss)(theta, data.val)
             w = lookahead_weights(m, val_grad)
         else:
-            w = self.held if method == "influence" else self.weights()
+            w = (self.held if method == "influence" else self.weights())[index]
         if method in ("lookahead", "influence"):
-            self.weight_sum += w
+            self.weight_sum[index] += w
+            self.seen[index] += 1
         return self.problem.middle_gradient(theta, w, m)
 
     def weight_update_due(self) -> bool:
@@ -257,13 +279,14 @@ class _Run:
 
     def train_step(self) -> None:
         theta = {k: v.detach() for k, v in self.theta.items()}
+        data = self.draw()
         if self.config.method == "nested" and self.weight_update_due():
-            hyper = bilevel.hypergradient(self.problem, self.u.detach(), self.data, init=theta,
+            hyper = bilevel.hypergradient(self.problem, self.u.detach(), data, init=theta,
                                           solver=self.outer_solver(), on_failure="ignore")
             self.count_outer_solve(hyper)
             self.u.grad = hyper.grad
             self.u_opt.step()
-        grads = self.meta_grad(theta)
+        grads = self.meta_grad(theta, data)
         for k, p in self.theta.items():
             p.grad = grads[k]
         self.opt.step()
@@ -301,7 +324,8 @@ class _Run:
     def state_dict(self) -> dict[str, Any]:
         return {"theta": {k: v.detach() for k, v in self.theta.items()}, "opt": self.opt.state_dict(),
                 "u": self.u.detach(), "u_opt": self.u_opt.state_dict(), "weight_sum": self.weight_sum,
-                "held": self.held, "step": self.step, "elapsed": self.elapsed, "outer_solves": dict(self.outer_solves)}
+                "seen": self.seen, "held": self.held, "batches": self.batches.bit_generator.state, "step": self.step,
+                "elapsed": self.elapsed, "outer_solves": dict(self.outer_solves)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
@@ -309,7 +333,11 @@ class _Run:
                 v.copy_(state["theta"][k])
             self.u.copy_(state["u"])
             self.weight_sum.copy_(state["weight_sum"])
-            self.held.copy_(state.get("held", self.held))  # absent from checkpoints written before it
+            # absent from checkpoints written before them (full-batch runs: every task seen at every step)
+            self.held.copy_(state.get("held", self.held))
+            self.seen.copy_(state.get("seen", torch.full_like(self.seen, state["step"])))
+        if "batches" in state:
+            self.batches.bit_generator.state = state["batches"]
         self.opt.load_state_dict(state["opt"])
         self.u_opt.load_state_dict(state["u_opt"])
         self.step, self.elapsed = state["step"], state["elapsed"]
