@@ -1,10 +1,11 @@
-"""NestedMAML against its baselines on sinusoid pools with corrupted training tasks.
+"""NestedMAML against its baselines on task pools with corrupted training tasks (sinusoid or Omniglot).
 
 Runs ``bilevel nested --method M --seed S`` for every method and seed, one at a
 time, each in its own process (so that its peak resident memory is its own),
 then prints, over seeds (95% Student-t intervals):
 
-- per method: the test MSE after adaptation, the share of the MAML-to-oracle gap
+- per method: the test score after adaptation (sinusoid: MSE; ``--dataset omniglot``: accuracy),
+  the share of the MAML-to-oracle gap
   it closes (``(maml - m) / (maml - oracle)`` of the seed means), the AUROC of
   its task weights, training seconds and peak memory;
 - paired differences on the same seeds (same pool, same initialization):
@@ -67,18 +68,24 @@ def run_one(method: str, seed: int, args: argparse.Namespace, extra: list[str]) 
     return json.loads(final.read_text())
 
 
+def metric_of(records: list[dict]) -> str:
+    """The test score the runs report: ``test_accuracy`` (Omniglot) or ``test_mse`` (sinusoid)."""
+    return "test_accuracy" if "test_accuracy" in records[0] else "test_mse"
+
+
 def summarize(records: list[dict], methods: list[str]) -> tuple[list[dict], list[dict]]:
-    """Per-method summaries and paired differences over the seeds all methods share."""
+    """Per-method summaries and paired differences (of the test score) over the seeds all methods share."""
     by = {(r["method"], r["seed"]): r for r in records}
     seeds = sorted({r["seed"] for r in records})
-    mse = {m: [by[m, s]["test_mse"] for s in seeds] for m in methods}
+    metric = metric_of(records)
+    mse = {m: [by[m, s][metric] for s in seeds] for m in methods}
     mean = {m: interval(v)[0] for m, v in mse.items()}
     gap = mean.get("maml", math.nan) - mean.get("oracle", math.nan)
     summary = []
     for m in methods:
         mu, ci = interval(mse[m])
         auc, auc_ci = interval([by[m, s]["auroc"] for s in seeds])
-        summary.append({"method": m, "test_mse": mu, "test_mse_ci95": ci,
+        summary.append({"method": m, metric: mu, f"{metric}_ci95": ci,
                         "gap_closed": (mean["maml"] - mu) / gap if gap == gap and gap != 0 else math.nan,
                         "auroc": auc, "auroc_ci95": auc_ci,
                         "seconds": sum(by[m, s]["seconds"] for s in seeds) / len(seeds),
@@ -97,7 +104,7 @@ def summarize(records: list[dict], methods: list[str]) -> tuple[list[dict], list
 
 
 def plot(records: list[dict], methods: list[str], path: str) -> None:
-    """Test MSE per method and seed, and the final weights of the learned methods, clean against corrupted."""
+    """Test score per method and seed, and the final weights of the learned methods, clean against corrupted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,11 +112,11 @@ def plot(records: list[dict], methods: list[str], path: str) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for i, m in enumerate(methods):
-        values = [r["test_mse"] for r in records if r["method"] == m]
+        values = [r[metric_of(records)] for r in records if r["method"] == m]
         left.scatter([i] * len(values), values, s=14, alpha=0.7)
         left.hlines(sum(values) / len(values), i - 0.3, i + 0.3, color="k")
     left.set_xticks(range(len(methods)), methods)
-    left.set_ylabel("test MSE after adaptation")
+    left.set_ylabel(metric_of(records).replace("test_", "test ").replace("mse", "MSE") + " after adaptation")
     left.set_title("per seed (dots) and mean (bar)")
     learned = [m for m in LEARNED if m in methods]
     for i, m in enumerate(learned):
@@ -135,7 +142,7 @@ def main() -> None:
     parser.add_argument("--results", default="benchmarks/results/nested",
                         help="results prefix: writes <prefix>.json and <prefix>.csv")
     parser.add_argument("--resume", action="store_true", help="keep finished runs, resume stopped ones")
-    parser.add_argument("--plot", default=None, help="also draw test MSE and task weights into this PNG")
+    parser.add_argument("--plot", default=None, help="also draw the test scores and task weights into this PNG")
     args, extra = parser.parse_known_args()
 
     records = []
@@ -143,16 +150,18 @@ def main() -> None:
         for method in args.methods:
             record = {k: v for k, v in run_one(method, seed, args, extra).items() if k != "settings"}
             records.append(record)
-            print(f"seed {seed} {method:10s} test MSE {record['test_mse']:.4f}  AUROC {record['auroc']:.3f}  "
+            metric = metric_of([record])
+            print(f"seed {seed} {method:10s} {metric} {record[metric]:.4f}  AUROC {record['auroc']:.3f}  "
                   f"{record['seconds']:.0f} s", flush=True)
     summary, paired = summarize(records, args.methods)
 
-    print(f"\nsinusoid, {len(args.seeds)} seeds, {args.steps} steps, extra flags {extra}; 95% t-intervals over seeds")
-    print(f"{'method':10s} {'test MSE':>17s} {'gap closed':>10s} {'AUROC':>14s} {'seconds':>8s} {'peak MiB':>8s}")
+    metric = metric_of(records)
+    print(f"\n{len(args.seeds)} seeds, {args.steps} steps, extra flags {extra}; 95% t-intervals over seeds")
+    print(f"{'method':10s} {metric:>17s} {'gap closed':>10s} {'AUROC':>14s} {'seconds':>8s} {'peak MiB':>8s}")
     for s in summary:
-        print(f"{s['method']:10s} {s['test_mse']:8.3f} +- {s['test_mse_ci95']:5.3f} {s['gap_closed']:10.2f} "
+        print(f"{s['method']:10s} {s[metric]:8.3f} +- {s[metric + '_ci95']:5.3f} {s['gap_closed']:10.2f} "
               f"{s['auroc']:6.3f} +- {s['auroc_ci95']:5.3f} {s['seconds']:8.0f} {s['peak_mib']:8.0f}")
-    print("\npaired differences of test MSE (same seeds)")
+    print(f"\npaired differences of {metric} (same seeds)")
     for p in paired:
         print(f"{p['difference']:28s} {p['mean']:+8.3f} +- {p['ci95']:5.3f}   per seed "
               + " ".join(f"{x:+.3f}" for x in p["per_seed"]))
@@ -162,7 +171,8 @@ def main() -> None:
     blob = {"steps": args.steps, "seeds": args.seeds, "flags": extra, "runs": records, "summary": summary,
             "paired": paired}
     prefix.with_suffix(".json").write_text(json.dumps(blob, indent=1) + "\n")
-    columns = ["method", "seed", "steps", "test_mse", "test_mse_ci95", "test_mse_before", "auroc", "seconds",
+    loss = "mse" if metric == "test_mse" else "loss"
+    columns = ["method", "seed", "steps", metric, f"{metric}_ci95", f"test_{loss}_before", "auroc", "seconds",
                "peak_mib"]
     with open(prefix.with_suffix(".csv"), "w", newline="") as fh:
         writer = csv.DictWriter(fh, columns, extrasaction="ignore")

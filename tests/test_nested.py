@@ -191,8 +191,8 @@ def test_omniglot_command_trains_and_reports_accuracy(tmp_path, capsys, monkeypa
     monkeypatch.setattr(nested_train, "load_omniglot", lambda data_dir, cache_dir: FakeOmniglot())
     out = tmp_path / "run"
     args = ["nested", "--dataset", "omniglot", "--method", "influence", "--steps", "2", "--channels", "4",
-            "--train-tasks", "4", "--val-tasks", "2", "--test-tasks", "3", "--queries", "1", "--inner-steps", "1",
-            "--solver-steps", "2", "--weight-start", "0", "--weight-every", "1", "--outer-solver-steps", "2",
+            "--train-tasks", "4", "--meta-batch", "2", "--val-tasks", "2", "--test-tasks", "3", "--queries", "1",
+            "--inner-steps", "1", "--solver-steps", "2", "--weight-start", "0", "--weight-every", "1", "--outer-solver-steps", "2",
             "--log-every", "1", "--checkpoint-every", "1", "--no-progress", "--out-dir", str(out)]
     assert main(args) == 0
     final = json.loads((out / "final.json").read_text())

@@ -85,8 +85,8 @@ def register(subparsers: Any) -> None:
                       help="Adam step on theta " + per_dataset("meta_lr"))
     algo.add_argument("--steps", type=count(1), default=None, help="meta-steps " + per_dataset("steps"))
     algo.add_argument("--meta-batch", type=count(1), default=None,
-                      help="tasks drawn from the pool per step (default: the whole pool; the oracle draws from "
-                           "its clean tasks)")
+                      help="tasks drawn from the pool per step, the oracle's from its clean tasks (default: "
+                           "sinusoid the whole pool, omniglot 8)")
     algo.add_argument("--weighting", choices=WEIGHTINGS, default=d.weighting,
                       help="w = N softmax(u) or w = 2 sigmoid(u) (default: %(default)s)")
     algo.add_argument("--weight-lr", type=real(0, low_open=True), default=d.weight_lr, help="Adam step on u")

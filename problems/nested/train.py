@@ -75,10 +75,10 @@ DATASETS = ("sinusoid", "omniglot")
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # The documented sinusoid K = 10 setting (docs/nested.md, "How the settings were chosen").
     "sinusoid": dict(shots=10, queries=10, lam=10.0, inner_lr=0.02, inner_steps=20, maml_inner_steps=10,
-                     meta_lr=3e-3, train_tasks=40, test_tasks=1000, steps=400),
+                     meta_lr=3e-3, train_tasks=40, test_tasks=1000, steps=400, meta_batch=None),
     # Omniglot 5-way 1-shot sized for a CPU (docs/nested.md, "Omniglot with flipped labels").
-    "omniglot": dict(shots=1, queries=5, lam=2.0, inner_lr=0.1, inner_steps=8, maml_inner_steps=5,
-                     meta_lr=1e-3, train_tasks=20, test_tasks=600, steps=200),
+    "omniglot": dict(shots=1, queries=5, lam=0.5, inner_lr=0.4, inner_steps=8, maml_inner_steps=5,
+                     meta_lr=1e-3, train_tasks=100, test_tasks=600, steps=300, meta_batch=8),
 }
 
 
@@ -87,7 +87,7 @@ class NestedConfig:
     """Settings of one run. ``None`` fields take the data set's default (:data:`DATASET_DEFAULTS`).
 
     ``meta_batch``: the tasks drawn (without replacement, uniformly; the oracle from the clean ones)
-    from the pool at each step, for every method, ``None`` for the whole pool (full batch).
+    from the pool at each step, for every method (sinusoid default: the whole pool at every step).
     ``dataset``: ``"sinusoid"`` (regression, the 1-40-40-1 network, test MSE) or ``"omniglot"``
     (``ways``-way classification with the ``channels``-wide four-block convolutional network,
     tasks of the ``split``'s meta-training characters, test tasks of its meta-test characters,
@@ -154,7 +154,7 @@ class NestedConfig:
         clean = self.train_tasks - int(round(self.corrupt * self.train_tasks))
         if self.meta_batch is not None and not 1 <= self.meta_batch <= clean:
             raise ValueError(f"meta_batch must be between 1 and the pool's {clean} clean tasks (the oracle draws "
-                             f"from those), got {self.meta_batch}; or None for the whole pool")
+                             f"from those), got {self.meta_batch}")
 
 
 def auroc(weights: Tensor, corrupted: Tensor) -> float:
@@ -233,13 +233,13 @@ class _Run:
     def draw(self) -> NestedData:
         """This step's training tasks: the whole pool (the oracle: its clean tasks), or a meta-batch of it."""
         c, bad = self.config, self.pool.corrupted
-        candidates = torch.nonzero(~bad).flatten() if c.method == "oracle" else torch.arange(len(bad),
-                                                                                            device=bad.device)
+        if c.meta_batch is None and c.method != "oracle":
+            return self.data
+        pool = torch.arange(len(bad), device=bad.device)
+        candidates = pool[~bad] if c.method == "oracle" else pool
         if c.meta_batch is not None:
             pick = np.sort(self.batches.choice(len(candidates), c.meta_batch, replace=False))
             candidates = candidates[torch.as_tensor(pick, device=bad.device)]
-        if c.meta_batch is None and c.method != "oracle":
-            return self.data
         return NestedData(Task(*(t[candidates] for t in self.pool.tasks)), self.data.val, candidates)
 
     def meta_grad(self, theta: Params, data: NestedData) -> Params:
