@@ -110,12 +110,12 @@ def plot(records: list[dict], methods: list[str], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.3))
     for i, m in enumerate(methods):
         values = [r[metric_of(records)] for r in records if r["method"] == m]
         left.scatter([i] * len(values), values, s=14, alpha=0.7)
         left.hlines(sum(values) / len(values), i - 0.3, i + 0.3, color="k")
-    left.set_xticks(range(len(methods)), methods)
+    left.set_xticks(range(len(methods)), methods, rotation=20)
     left.set_ylabel(metric_of(records).replace("test_", "test ").replace("mse", "MSE") + " after adaptation")
     left.set_title("per seed (dots) and mean (bar)")
     learned = [m for m in LEARNED if m in methods]

@@ -78,7 +78,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
                      meta_lr=3e-3, train_tasks=40, test_tasks=1000, steps=400, meta_batch=None),
     # Omniglot 5-way 1-shot sized for a CPU (docs/nested.md, "Omniglot with flipped labels").
     "omniglot": dict(shots=1, queries=5, lam=0.5, inner_lr=0.4, inner_steps=8, maml_inner_steps=5,
-                     meta_lr=1e-3, train_tasks=100, test_tasks=600, steps=300, meta_batch=8),
+                     meta_lr=1e-3, train_tasks=400, test_tasks=600, steps=300, meta_batch=8),
 }
 
 
