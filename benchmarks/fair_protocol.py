@@ -352,7 +352,8 @@ def report(args: argparse.Namespace, records: list[dict]) -> None:
             seeds, splits = sorted({u[0] for u in units}), sorted({u[1] for u in units})
             command = (f"python benchmarks/fair_protocol.py --datasets {dataset} --shots {shot} "
                        f"--seeds {' '.join(map(str, seeds))} --splits {' '.join(map(str, splits))} "
-                       f"--steps {args.steps} --episodes {args.episodes} --c {' '.join(map(str, args.c))}")
+                       f"--steps {args.steps} --episodes {args.episodes} --c {' '.join(map(str, args.c))} "
+                       f"--prox {args.prox} --sharpness {args.sharpness}")
             plot(dataset, shot, rows, Path(args.plot_dir) / f"fair_{dataset}_protocol.png", command)
 
 
