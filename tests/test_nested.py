@@ -171,13 +171,15 @@ def test_omniglot_flip_relabels_every_query_of_the_corrupted_tasks_only():
         CorruptedOmniglot(images, 1, 1, 2)
 
 
-def test_omniglot_settings_take_their_own_defaults_and_refuse_noise():
+def test_settings_take_their_data_set_and_method_defaults_and_omniglot_refuses_noise():
     config = NestedConfig(dataset="omniglot", steps=7)
     defaults = nested_train.DATASET_DEFAULTS["omniglot"]
     assert config.steps == 7 and config.shots == defaults["shots"] and config.lam == defaults["lam"]
     assert NestedConfig().shots == nested_train.DATASET_DEFAULTS["sinusoid"]["shots"]
     with pytest.raises(ValueError, match="corruption='flip'"):
         NestedConfig(dataset="omniglot", corruption="noise")
+    assert (NestedConfig().weight_start, NestedConfig(method="influence").weight_start) == (50, 0)
+    assert NestedConfig(method="influence", weight_start=7).weight_start == 7
 
 
 def test_omniglot_command_trains_and_reports_accuracy(tmp_path, capsys, monkeypatch):

@@ -93,8 +93,8 @@ def register(subparsers: Any) -> None:
     algo.add_argument("--weight-decay", type=real(0), default=d.weight_decay,
                       help="L2 pull of u towards 0 (uniform weights) in its Adam steps (default: %(default)s)")
     algo.add_argument("--weight-every", type=count(1), default=d.weight_every, help="theta-steps per u-step")
-    algo.add_argument("--weight-start", type=count(0), default=d.weight_start,
-                      help="theta-steps before the first u-step (default: %(default)s)")
+    algo.add_argument("--weight-start", type=count(0), default=None,
+                      help="theta-steps before the first weight update (default: nested 50, influence 0)")
     algo.add_argument("--outer-solver-steps", type=count(1), default=d.outer_solver_steps,
                       help="GMRES iterations of the outer hypergradient's adjoint solve")
     algo.add_argument("--outer-ridge", type=real(0), default=d.outer_ridge,

@@ -10,10 +10,10 @@ Adam steps, and is scored on fresh clean test tasks after adaptation:
 ``oracle``     the same with weight 0 on the corrupted tasks (they are dropped)
 ``lookahead``  per-step weights from :func:`~.problem.lookahead_weights` (NestedMAML's released rule)
 ``influence``  the look-ahead rule with the implicit response (:func:`~.problem.influence_weights`):
-               uniform weights before ``weight_start``, then fresh weights every ``weight_every`` steps,
-               held in between; its adjoint solve as ``nested``'s
+               uniform weights before ``weight_start`` (default 0), then fresh weights every
+               ``weight_every`` steps, held in between; its adjoint solve as ``nested``'s
 ``nested``     learned weights ``w(u)`` (``weighting``: ``N softmax(u)`` or ``2 sigmoid(u)``): from step
-               ``weight_start`` on, every ``weight_every`` theta-steps one Adam step on ``u`` along the
+               ``weight_start`` (default 50) on, every ``weight_every`` theta-steps one Adam step on ``u`` along the
                implicit hypergradient
                ``bilevel.hypergradient(problem, u, data, init=theta)``. The adjoint solve linearizes the
                middle level at the current meta-parameters (as alternating implicit-differentiation
@@ -72,6 +72,8 @@ RESUMABLE = frozenset({"steps", "log_every", "checkpoint_every", "data_dir", "ca
 
 
 DATASETS = ("sinusoid", "omniglot")
+WEIGHT_START = (50, 0)
+"""The default first weight update of ``nested`` and of ``influence`` (docs/nested.md)."""
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # The documented sinusoid K = 10 setting (docs/nested.md, "How the settings were chosen").
     "sinusoid": dict(shots=10, queries=10, lam=10.0, inner_lr=0.02, inner_steps=20, maml_inner_steps=10,
@@ -122,7 +124,7 @@ class NestedConfig:
     weight_lr: float = 0.3
     weight_decay: float = 0.0
     weight_every: int = 5
-    weight_start: int = 50
+    weight_start: int | None = None
     outer_solver_steps: int = 5
     outer_ridge: float = 10.0
     seed: int = 0
@@ -151,6 +153,8 @@ class NestedConfig:
         for name, value in DATASET_DEFAULTS[self.dataset].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
+        if self.weight_start is None:  # measured: nested needs a warm-up, the influence rule does not
+            object.__setattr__(self, "weight_start", WEIGHT_START[self.method == "influence"])
         clean = self.train_tasks - int(round(self.corrupt * self.train_tasks))
         if self.meta_batch is not None and not 1 <= self.meta_batch <= clean:
             raise ValueError(f"meta_batch must be between 1 and the pool's {clean} clean tasks (the oracle draws "
