@@ -11,8 +11,8 @@ then prints, over seeds (95% Student-t intervals):
 - paired differences on the same seeds (same pool, same initialization):
   ``nested - lookahead``, ``influence - lookahead``, ``influence - nested``,
   ``nested - uniform``, ``nested - maml``, ``nested - imaml``, and for each learned
-  rule ``m - (maml + oracle) / 2``, which is negative exactly when ``m`` closes more
-  than half of the gap on that seed.
+  rule ``m - (maml + oracle) / 2``, which is negative (for accuracy: positive) exactly
+  when ``m`` closes more than half of the gap on that seed.
 
 Every run's ``final.json`` (without its settings) goes to ``<results>.json``
 with the summary and the paired differences, and one row per run to
@@ -78,12 +78,12 @@ def summarize(records: list[dict], methods: list[str]) -> tuple[list[dict], list
     by = {(r["method"], r["seed"]): r for r in records}
     seeds = sorted({r["seed"] for r in records})
     metric = metric_of(records)
-    mse = {m: [by[m, s][metric] for s in seeds] for m in methods}
-    mean = {m: interval(v)[0] for m, v in mse.items()}
+    score = {m: [by[m, s][metric] for s in seeds] for m in methods}
+    mean = {m: interval(v)[0] for m, v in score.items()}
     gap = mean.get("maml", math.nan) - mean.get("oracle", math.nan)
     summary = []
     for m in methods:
-        mu, ci = interval(mse[m])
+        mu, ci = interval(score[m])
         auc, auc_ci = interval([by[m, s]["auroc"] for s in seeds])
         summary.append({"method": m, metric: mu, f"{metric}_ci95": ci,
                         "gap_closed": (mean["maml"] - mu) / gap if gap == gap and gap != 0 else math.nan,
@@ -92,12 +92,12 @@ def summarize(records: list[dict], methods: list[str]) -> tuple[list[dict], list
                         "peak_mib": max(by[m, s]["peak_mib"] for s in seeds), "seeds": seeds})
     paired = []
     for a, b in PAIRS:
-        if a in mse and b in mse:
-            d, ci = interval([x - y for x, y in zip(mse[a], mse[b])])
+        if a in score and b in score:
+            d, ci = interval([x - y for x, y in zip(score[a], score[b])])
             paired.append({"difference": f"{a} - {b}", "mean": d, "ci95": ci,
-                           "per_seed": [x - y for x, y in zip(mse[a], mse[b])]})
-    for m in (m for m in LEARNED if {m, "maml", "oracle"} <= set(mse)):
-        diffs = [n - (x + o) / 2 for n, x, o in zip(mse[m], mse["maml"], mse["oracle"])]
+                           "per_seed": [x - y for x, y in zip(score[a], score[b])]})
+    for m in (m for m in LEARNED if {m, "maml", "oracle"} <= set(score)):
+        diffs = [n - (x + o) / 2 for n, x, o in zip(score[m], score["maml"], score["oracle"])]
         d, ci = interval(diffs)
         paired.append({"difference": f"{m} - (maml + oracle)/2", "mean": d, "ci95": ci, "per_seed": diffs})
     return summary, paired

@@ -10,7 +10,7 @@ Examples::
 Sinusoid regression (the default) or Omniglot 5-way 1-shot classification; the
 settings marked per data set take that data set's default unless given.
 
-One run trains one method (maml, imaml, uniform, oracle, lookahead, nested) on one
+One run trains one method (maml, imaml, uniform, oracle, lookahead, influence, nested) on one
 pool; benchmarks/nested.py runs them all over seeds. An output folder that holds
 a run is refused unless --resume continues it or --overwrite deletes it; --resume
 restores the run's settings from its checkpoint (flags given with it must match,
