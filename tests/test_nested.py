@@ -194,8 +194,9 @@ def test_omniglot_command_trains_and_reports_accuracy(tmp_path, capsys, monkeypa
     out = tmp_path / "run"
     args = ["nested", "--dataset", "omniglot", "--method", "influence", "--steps", "2", "--channels", "4",
             "--train-tasks", "4", "--meta-batch", "2", "--val-tasks", "2", "--test-tasks", "3", "--queries", "1",
-            "--inner-steps", "1", "--solver-steps", "2", "--weight-start", "0", "--weight-every", "1", "--outer-solver-steps", "2",
-            "--log-every", "1", "--checkpoint-every", "1", "--no-progress", "--out-dir", str(out)]
+            "--inner-steps", "1", "--solver-steps", "2", "--weight-start", "0", "--weight-every", "1",
+            "--outer-solver-steps", "2", "--log-every", "1", "--checkpoint-every", "1", "--no-progress",
+            "--out-dir", str(out)]
     assert main(args) == 0
     final = json.loads((out / "final.json").read_text())
     assert 0 <= final["test_accuracy"] <= 1 and final["test_accuracy_ci95"] >= 0 and np.isfinite(final["test_loss"])

@@ -72,8 +72,12 @@ RESUMABLE = frozenset({"steps", "log_every", "checkpoint_every", "data_dir", "ca
 
 
 DATASETS = ("sinusoid", "omniglot")
-WEIGHT_START = (50, 0)
-"""The default first weight update of ``nested`` and of ``influence`` (docs/nested.md)."""
+WEIGHT_START = {"nested": 50, "influence": 0}
+"""The default first weight update per method (docs/nested.md); the other methods do not use it."""
+PER_STEP_RULES = ("lookahead", "influence")
+"""Methods whose weights are recomputed per step; their reported weights are averages over steps."""
+OUTER_SOLVING = ("nested", "influence")
+"""Methods whose weight updates solve the outer adjoint system (their solves are counted by status)."""
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # The documented sinusoid K = 10 setting (docs/nested.md, "How the settings were chosen").
     "sinusoid": dict(shots=10, queries=10, lam=10.0, inner_lr=0.02, inner_steps=20, maml_inner_steps=10,
@@ -154,7 +158,7 @@ class NestedConfig:
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
         if self.weight_start is None:  # measured: nested needs a warm-up, the influence rule does not
-            object.__setattr__(self, "weight_start", WEIGHT_START[self.method == "influence"])
+            object.__setattr__(self, "weight_start", WEIGHT_START.get(self.method, WEIGHT_START["nested"]))
         clean = self.train_tasks - int(round(self.corrupt * self.train_tasks))
         if self.meta_batch is not None and not 1 <= self.meta_batch <= clean:
             raise ValueError(f"meta_batch must be between 1 and the pool's {clean} clean tasks (the oracle draws "
@@ -228,7 +232,7 @@ class _Run:
         n, bad = self.config.train_tasks, self.pool.corrupted
         if self.config.method == "nested":
             return task_weights(self.u.detach(), self.config.weighting)
-        if self.config.method in ("lookahead", "influence"):
+        if self.config.method in PER_STEP_RULES:
             return torch.where(self.seen > 0, self.weight_sum / self.seen.clamp(min=1), 1.0)
         if self.config.method == "oracle":
             return (~bad).float() * n / int((~bad).sum())
@@ -265,7 +269,7 @@ class _Run:
             w = lookahead_weights(m, val_grad)
         else:
             w = (self.held if method == "influence" else self.weights())[index]
-        if method in ("lookahead", "influence"):
+        if method in PER_STEP_RULES:
             self.weight_sum[index] += w
             self.seen[index] += 1
         return self.problem.middle_gradient(theta, w, m)
@@ -314,11 +318,12 @@ class _Run:
 
     def validation(self) -> dict[str, float]:
         scores = {k: v for k, v in self.scores(self.data.val, "val").items() if not k.endswith(("_ci95", "_before"))}
-        record = {"step": self.step, **scores, "auroc": auroc(self.weights(), self.pool.corrupted),
-                  "seconds": self.elapsed}
-        if self.config.method in ("nested", "influence"):
-            record["outer_solves"] = dict(self.outer_solves)
-        return record
+        return {"step": self.step, **scores, "auroc": auroc(self.weights(), self.pool.corrupted),
+                "seconds": self.elapsed, **self.solve_counts()}
+
+    def solve_counts(self) -> dict[str, dict[str, int]]:
+        """``{"outer_solves": status name -> count}`` for the methods that solve the outer system, else ``{}``."""
+        return {"outer_solves": dict(self.outer_solves)} if self.config.method in OUTER_SOLVING else {}
 
     def test(self) -> dict[str, Any]:
         w = self.weights()
@@ -405,7 +410,7 @@ def train(config: NestedConfig, out_dir: str | Path, *, resume: bool | str = Fal
     save()
     final = {"method": config.method, "seed": config.seed, "corrupt": config.corrupt, "steps": run.step,
              "seconds": run.elapsed, "peak_mib": _peak_mib(device), "device": str(device), **run.test(),
-             **({"outer_solves": dict(run.outer_solves)} if config.method in ("nested", "influence") else {}),
+             **run.solve_counts(),
              "settings": settings}
     write_text_atomic(out / "final.json", json.dumps(final, indent=1) + "\n")
     return final
