@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(requested).parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError) as err:  # bad settings, missing or corrupt files: say what, not where
+    except (ValueError, OSError, FloatingPointError) as err:
+        # bad settings, missing or corrupt files, a run that met NaN or Inf: say what, not where
         if os.environ.get("BILEVEL_TRACEBACK"):
             raise
         print(f"bilevel {args.command}: error: {err}", file=sys.stderr)

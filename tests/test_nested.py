@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from bilevel import NonFiniteError
 from bilevel.cli import main
 from bilevel.problems.imaml import IMAMLProblem, mse
 from bilevel.problems.imaml.models import Params
@@ -88,6 +89,12 @@ def test_lookahead_weights_clamp_and_normalize():
     assert torch.equal(lookahead_weights(grads, {"a": torch.tensor([-1.0, -1.0])}) >= 0, torch.ones(3, dtype=bool))
     assert torch.allclose(lookahead_weights({"a": -grads["a"].abs()}, {"a": torch.ones(2)}), torch.ones(3))
 
+
+
+def test_a_nan_task_score_raises_instead_of_becoming_a_weight():
+    grads = {"a": torch.tensor([[1.0, 0.0], [float("nan"), 1.0], [-1.0, 0.0]])}
+    with pytest.raises(NonFiniteError, match=r"batch positions \[1\]"):
+        lookahead_weights(grads, {"a": torch.tensor([2.0, 1.0])})
 
 def test_influence_weights_are_the_clamped_negated_derivative_of_the_validation_loss():
     """-dF/dw_i at w = 1, by central differences of F(theta*(w)) in float64, clamped and normalized."""
@@ -245,3 +252,31 @@ def test_resume_refuses_other_settings(tmp_path, capsys):
     assert main(["nested", "--method", "uniform", "--steps", "2", "--out-dir", str(out), *TINY]) == 0
     assert main(["nested", "--steps", "4", "--corrupt", "0.25", "--out-dir", str(out), "--resume", *TINY]) == 2
     assert "--corrupt" in capsys.readouterr().err
+
+
+def test_nan_in_the_task_data_is_refused_with_the_tasks_named(tmp_path, capsys, monkeypatch):
+    drawn = CorruptedSinusoid.pool
+
+    def with_a_nan(self, rng, size, corrupt=0.0, **kwargs):
+        pool = drawn(self, rng, size, corrupt, **kwargs)
+        if size == 2:  # the validation tasks
+            pool.tasks.query_y[1, 0] = float("nan")
+        return pool
+
+    monkeypatch.setattr(CorruptedSinusoid, "pool", with_a_nan)
+    out = tmp_path / "run"
+    assert main(["nested", "--method", "lookahead", "--steps", "2", "--out-dir", str(out), *TINY]) == 2
+    assert "NaN or Inf in the data of validation tasks [1] (1 of 2)" in capsys.readouterr().err
+    assert not (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("method", nested_train.METHODS)
+def test_a_non_finite_meta_gradient_stops_the_run_before_it_reaches_the_parameters(method):
+    config = NestedConfig(method=method, steps=2, train_tasks=4, val_tasks=2, test_tasks=2, shots=3, queries=3,
+                          inner_steps=2, solver_steps=2, weight_start=0, weight_every=1, outer_solver_steps=2)
+    run = nested_train._Run(config, torch.device("cpu"))
+    run.pool.tasks.support_y[3, 0] = float("nan")  # a clean task, after the data were checked
+    before = {k: v.detach().clone() for k, v in run.theta.items()}
+    with pytest.raises(NonFiniteError, match="NaN or Inf"):
+        run.train_step()
+    assert run.step == 0 and all(torch.equal(before[k], v.detach()) for k, v in run.theta.items())

@@ -69,7 +69,14 @@ def task_weights(u: Tensor, weighting: str = "softmax") -> Tensor:
 
 
 def _clamped_and_normalized(score: Tensor) -> Tensor:
-    """``score`` clamped at 0 and scaled to sum ``N``; all ones when no score is positive."""
+    """``score`` clamped at 0 and scaled to sum ``N``; all ones when no score is positive. A NaN or
+    Inf score (a task whose meta-gradient is not finite) raises :class:`~bilevel.NonFiniteError`."""
+    bad = ~torch.isfinite(score)
+    if bool(bad.any()):
+        raise bilevel.NonFiniteError(
+            f"NaN or Inf in the task scores of batch positions {bad.nonzero().flatten().tolist()}: those tasks' "
+            "meta-gradients (or the validation gradient) are not finite; check their data, or make the "
+            "adaptation stable (a larger lam, a smaller inner step)")
     w = score.clamp(min=0)
     total = w.sum()
     return torch.where(total > 0, len(w) * w / total.clamp(min=torch.finfo(w.dtype).tiny), torch.ones_like(w))

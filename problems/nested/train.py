@@ -50,6 +50,7 @@ from torch import Tensor
 import bilevel
 from bilevel.checkpoint import file_patterns, load_for_resume
 from bilevel.checkpoint import save as save_checkpoint
+from bilevel.policy import require_finite
 from bilevel.problems.imaml import (IMAMLProblem, Task, adapt, conv4_forward, conv4_init, cross_entropy, meta_gradient,
                                    mlp_forward, mlp_init, mse)
 from bilevel.problems.imaml.models import Params
@@ -187,7 +188,21 @@ def _pools(config: NestedConfig, device: torch.device) -> tuple[TaskPool, Nested
     pool = family.pool(rng, config.train_tasks, config.corrupt, device=device)
     val = family.pool(rng, config.val_tasks, device=device).tasks
     test = test_family.pool(test_rng, config.test_tasks, device=device).tasks
+    for name, tasks in (("training", pool.tasks), ("validation", val), ("test", test)):
+        _require_finite_tasks(tasks, name)
     return pool, NestedData(pool.tasks, val), test
+
+
+def _require_finite_tasks(tasks: Task, name: str) -> None:
+    """Raise ``ValueError`` naming the ``name`` tasks whose inputs or targets hold NaN or Inf."""
+    bad = torch.zeros(len(tasks.query_y), dtype=torch.bool, device=tasks.query_y.device)
+    for t in tasks:
+        if t.is_floating_point():
+            bad |= ~torch.isfinite(t.flatten(1)).all(1)
+    if bool(bad.any()):
+        raise ValueError(f"NaN or Inf in the data of {name} tasks {bad.nonzero().flatten().tolist()[:10]} "
+                         f"({int(bad.sum())} of {len(bad)}): a NaN would make every weight and meta-parameter "
+                         "NaN; repair or drop those tasks (Omniglot: check the archives in --data-dir)")
 
 
 def _network(config: NestedConfig) -> tuple[Any, Any, Params, Any]:
@@ -295,6 +310,9 @@ class _Run:
             self.u.grad = hyper.grad
             self.u_opt.step()
         grads = self.meta_grad(theta, data)
+        require_finite(grads, f"the meta-gradient of step {self.step} ({self.config.method})",
+                       "a training task's adaptation diverged: raise --lam or lower --inner-lr, or --resume from the "
+                       "checkpoint (it holds the last finite meta-parameters) with a smaller --meta-lr")
         for k, p in self.theta.items():
             p.grad = grads[k]
         self.opt.step()
