@@ -90,11 +90,11 @@ def test_lookahead_weights_clamp_and_normalize():
     assert torch.allclose(lookahead_weights({"a": -grads["a"].abs()}, {"a": torch.ones(2)}), torch.ones(3))
 
 
-
 def test_a_nan_task_score_raises_instead_of_becoming_a_weight():
     grads = {"a": torch.tensor([[1.0, 0.0], [float("nan"), 1.0], [-1.0, 0.0]])}
     with pytest.raises(NonFiniteError, match=r"batch positions \[1\]"):
         lookahead_weights(grads, {"a": torch.tensor([2.0, 1.0])})
+
 
 def test_influence_weights_are_the_clamped_negated_derivative_of_the_validation_loss():
     """-dF/dw_i at w = 1, by central differences of F(theta*(w)) in float64, clamped and normalized."""
