@@ -280,3 +280,22 @@ def test_a_non_finite_meta_gradient_stops_the_run_before_it_reaches_the_paramete
     with pytest.raises(NonFiniteError, match="NaN or Inf"):
         run.train_step()
     assert run.step == 0 and all(torch.equal(before[k], v.detach()) for k, v in run.theta.items())
+
+
+def test_a_run_that_meets_nan_ends_with_one_error_line(tmp_path, capsys, monkeypatch):
+    """A meta-gradient that turns NaN mid-run (here: bad data let past the data check) is reported by the
+    command as an error line with exit status 2, not a traceback."""
+    drawn = CorruptedSinusoid.pool
+
+    def with_a_nan(self, rng, size, corrupt=0.0, **kwargs):
+        pool = drawn(self, rng, size, corrupt, **kwargs)
+        if corrupt:  # the training pool
+            pool.tasks.support_y[3, 0] = float("nan")
+        return pool
+
+    monkeypatch.setattr(CorruptedSinusoid, "pool", with_a_nan)
+    monkeypatch.setattr(nested_train, "_require_finite_tasks", lambda tasks, name: None)
+    assert main(["nested", "--method", "uniform", "--steps", "2", "--out-dir", str(tmp_path / "run"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bilevel nested: error: NaN or Inf in the meta-gradient of step 0 (uniform)")
+    assert "Traceback" not in err
