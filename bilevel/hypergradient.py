@@ -31,8 +31,9 @@ from torch import Tensor
 
 from bilevel.adjoint import LINEARIZATIONS, AdjointOperator, Linearization, grads_and_value, linearize
 from bilevel.errors import BilevelError, BilevelWarning
-from bilevel.policy import (OnFailure, caller_stacklevel, check_inner_residual, check_solve, host_checks_deferred,
-                            require_finite, validate_on_failure)
+from bilevel.policy import (CallPolicy, OnFailure, caller_stacklevel, failed_systems, host_checks_deferred, host_view,
+                            inner_residual_failure, nan_where_failed, require_finite, solve_failure,
+                            validate_on_failure)
 from bilevel.problem import BilevelProblem, checked_condition, scalar_objective
 from bilevel.pytree import (PyTree, check_devices_and_dtypes, check_parameters, check_same_structure, ravel,
                             tree_leaves, tree_map, tree_norm)
@@ -154,10 +155,11 @@ def hypergradient(
     else:
         result = _unrolled(problem, outer, data, init, truncate if mode == "truncated" else None)
 
-    if not host_checks_deferred(outer, data, result.outer_loss):
-        check_result(result, on_failure=on_failure, residual_tol=problem.residual_tol)
-        if d_inner is not None and on_failure != "ignore":
-            _warn_if_first_order_dropped(result.grad, d_inner)
+    deferred = host_checks_deferred(outer, data, result.outer_loss)
+    if not (deferred and on_failure == "ignore"):  # beneath vmap too, where "ignore" reads nothing
+        result = check_result(result, on_failure=on_failure, residual_tol=problem.residual_tol)
+    if not deferred and d_inner is not None and on_failure != "ignore":
+        _warn_if_first_order_dropped(result.grad, d_inner)
     return result
 
 
@@ -166,21 +168,30 @@ def check_result(result: HypergradientResult, *, on_failure: OnFailure = "warn",
     """Apply the failure policy to a (possibly vmapped) :class:`HypergradientResult`.
 
     Raises :class:`~bilevel.NonFiniteError` on NaN/Inf in the inner solution, the
-    adjoint solve or the hypergradient; warns, raises or ignores (``on_failure``)
-    a non-converged solve or an inner residual above ``residual_tol``.
-    Returns ``result`` unchanged so that it can wrap a call.
+    adjoint solve or the hypergradient; warns (once), raises or ignores (``on_failure``)
+    a non-converged solve or an inner residual above ``residual_tol``. The values are
+    read beneath ``torch.func`` wrappers (inside ``vmap`` every member is checked), and
+    ``result`` is returned unchanged so that the call can wrap another. Where nothing
+    can be read (``torch.compile`` tracing, CUDA-graph capture), a copy is returned
+    whose gradient is NaN for every failed system unless ``on_failure="ignore"``.
     """
     validate_on_failure(on_failure)
-    require_finite(result.inner, "the inner solution phi*",
+    seen = host_view(result)
+    if seen is None:
+        failed = failed_systems(None if result.solve is None else result.solve.status, result.inner_residual,
+                                residual_tol)
+        if on_failure == "ignore" or failed is None:
+            return result
+        return dataclasses.replace(result, grad=nan_where_failed(result.grad, failed))
+    require_finite(seen.inner, "the inner solution phi*",
                    "the inner solver diverged, or the inner data holds NaN/Inf: check the training data, "
                    "lower inner_lr or check the inner objective")
-    require_finite(result.outer_loss, "the outer loss f(phi*, theta)",
+    require_finite(seen.outer_loss, "the outer loss f(phi*, theta)",
                    "the outer objective or its data (e.g. the validation set) holds NaN/Inf")
-    if result.solve is not None:
-        check_solve(result.solve, on_failure)
-    require_finite(result.grad, "the hypergradient",
+    solve_message = None if seen.solve is None else solve_failure(seen.solve)
+    require_finite(seen.grad, "the hypergradient",
                    "the outer objective or the optimality condition produced NaN/Inf at phi*")
-    check_inner_residual(result.inner_residual, residual_tol, on_failure)
+    CallPolicy(on_failure).report(solve_message, inner_residual_failure(seen.inner_residual, residual_tol))
     return result
 
 

@@ -26,7 +26,8 @@ from torch.utils import _pytree as pytree
 
 from bilevel.adjoint import AdjointOperator
 from bilevel.errors import BilevelError
-from bilevel.policy import (OnFailure, check_inner_residual, check_solve, host_checks_deferred, require_finite,
+from bilevel.policy import (CallPolicy, OnFailure, failed_systems, host_checks_deferred, host_view,
+                            inner_residual_failure, nan_where_failed, require_finite, solve_failure,
                             validate_on_failure)
 from bilevel.pytree import PyTree, check_same_structure, ravel, tree_norm
 from bilevel.solvers import LinearSolver, get_solver
@@ -41,7 +42,7 @@ class _Spec:
 
     optimality: Callable[..., PyTree]
     solver: LinearSolver
-    on_failure: OnFailure
+    policy: CallPolicy  # one per call of the decorated function: it warns at most once
     residual_tol: float | None
     phi_spec: pytree.TreeSpec
     n_phi: int
@@ -78,16 +79,35 @@ def _condition_of(spec: _Spec, arg_tensors: Sequence[Tensor]) -> Callable[..., P
     return condition
 
 
-def _report(spec: _Spec, solve: Any, residual: PyTree, watched: Sequence[Tensor], derived: PyTree,
-            derived_name: str) -> None:
-    """Apply the failure policy (outside vmap and capture) and keep the solve's diagnostics."""
-    if host_checks_deferred(*watched):
-        return
-    check_solve(solve, spec.on_failure)
-    check_inner_residual(tree_norm(residual), spec.residual_tol, spec.on_failure)
-    require_finite(derived, derived_name, "the optimality condition's Jacobian produced NaN/Inf at the solution")
-    if not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in watched):
+def _report(spec: _Spec, solve: Any, residual: PyTree, rhs: Tensor, phi_leaves: Sequence[Tensor],
+            derived: tuple[Tensor, ...], derived_name: str, rhs_name: str) -> tuple[Tensor, ...]:
+    """Apply the failure policy to one solve of the backward or forward rule; return ``derived``
+    (what was computed from the solve), NaN for the failed systems where nothing can be read.
+
+    The values are read beneath any ``torch.func`` wrapper (:func:`~bilevel.policy.host_view`):
+    under ``jacrev``, ``jacfwd`` or ``vmap`` the rule runs once for the whole batch, whose every
+    member is checked. With ``on_failure="ignore"`` nothing is read under a transform (a member
+    that met NaN keeps its NaN); during compilation or CUDA-graph capture nothing can be read, so
+    ``"warn"`` and ``"raise"`` put NaN where a system failed.
+    """
+    residual_norm = tree_norm(residual)
+    hidden = host_checks_deferred(rhs, *phi_leaves, solve.status)
+    if hidden and spec.policy.on_failure == "ignore":
+        return derived
+    view = host_view((rhs, solve, residual_norm, derived))
+    if view is None:
+        if spec.policy.on_failure == "ignore":
+            return derived
+        return nan_where_failed(derived, failed_systems(solve.status, residual_norm, spec.residual_tol))
+    seen_rhs, seen_solve, seen_residual, seen_derived = view
+    if hidden:  # outside the transforms this was checked before the solve
+        require_finite(seen_rhs, rhs_name, "the loss computed from the solution, its data or the argument tangents "
+                       "produced NaN/Inf")
+    spec.policy.report(solve_failure(seen_solve), inner_residual_failure(seen_residual, spec.residual_tol))
+    require_finite(seen_derived, derived_name, "the optimality condition's Jacobian produced NaN/Inf at the solution")
+    if not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (rhs, *phi_leaves)):
         spec.owner.last_solve = solve
+    return derived
 
 
 class _ImplicitRoot(torch.autograd.Function):
@@ -122,12 +142,13 @@ class _ImplicitRoot(torch.autograd.Function):
 
         adjoint_matvec = AdjointOperator(vjp_fn, unravel, reuse_last=isinstance(spec.solver, IterativeSolver))
         solve = spec.solver(adjoint_matvec, b)
-        cross = adjoint_matvec.cross(solve.x)
-        _report(spec, solve, residual, (b, *phi_leaves), cross,
-                "the implicit gradient of the decorated function's arguments")
+        cross = tuple(poison(g, solve.status) for g in adjoint_matvec.cross(solve.x))
+        cross = _report(spec, solve, residual, b, phi_leaves, cross,
+                        "the implicit gradient of the decorated function's arguments",
+                        "the gradient arriving at the decorated function's output")
         grads: list[Tensor | None] = [None] * len(arg_tensors)
         for i, g in zip(diff_idx, cross):
-            grads[i] = -poison(g, solve.status)
+            grads[i] = -g
         return (None, *([None] * spec.n_phi), *grads)
 
     @staticmethod
@@ -156,8 +177,8 @@ class _ImplicitRoot(torch.autograd.Function):
             return ravel(torch.func.jvp(lambda p: condition(p, *primals), (phi,), (unravel(v),))[1])[0]
 
         solve = spec.solver(forward_matvec, -rhs)
-        dphi = poison(solve.x, solve.status)
-        _report(spec, solve, residual, (rhs, *phi_leaves), dphi, "the tangent of the decorated function's output")
+        (dphi,) = _report(spec, solve, residual, rhs, phi_leaves, (poison(solve.x, solve.status),),
+                          "the tangent of the decorated function's output", "the tangent d_args G dargs")
         return tuple(pytree.tree_leaves(unravel(dphi)))
 
 
@@ -230,10 +251,13 @@ def implicit_root(
                                    f"got {type(phi).__name__}")
             arg_leaves, args_spec = pytree.tree_flatten((args, kwargs))
             slots = tuple(i for i, a in enumerate(arg_leaves) if isinstance(a, Tensor))
-            if not host_checks_deferred(args, kwargs):  # host-side check; impossible under vmap or capture
-                require_finite(phi, f"the output of {name}", "the inner solver diverged or was given bad input")
+            # Read beneath vmap as well, unless on_failure="ignore" there (a NaN member then stays NaN).
+            seen = phi if not host_checks_deferred(args, kwargs, phi) else (
+                None if on_failure == "ignore" else host_view(phi))
+            if seen is not None:
+                require_finite(seen, f"the output of {name}", "the inner solver diverged or was given bad input")
             spec = _Spec(
-                optimality=optimality, solver=solver, on_failure=on_failure, residual_tol=residual_tol,
+                optimality=optimality, solver=solver, policy=CallPolicy(on_failure), residual_tol=residual_tol,
                 phi_spec=phi_spec, n_phi=len(phi_leaves), args_spec=args_spec,
                 arg_leaves=tuple(None if i in slots else a for i, a in enumerate(arg_leaves)),
                 tensor_slots=slots,

@@ -32,11 +32,12 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ._result import SolveResult, Status
 
 __all__ = ["IterativeSolver", "LinearSolver", "MatVec", "Preconditioner", "is_capturing", "is_vmapped",
-           "poison", "values_hidden"]
+           "poison", "values_hidden", "values_unreadable"]
 
 MatVec = Callable[[Tensor], Tensor]
 """Applies ``A`` to a tensor shaped like ``b``."""
@@ -78,6 +79,16 @@ def is_vmapped(t: Tensor) -> bool:
 def is_capturing(t: Tensor) -> bool:
     """True while ``t``'s CUDA stream records a CUDA graph (values exist only at replay)."""
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def values_unreadable(t: Tensor) -> bool:
+    """True when no values stand behind ``t`` at all, beneath any ``torch.func`` wrapper:
+    while ``torch.compile`` traces, during CUDA-graph capture, or for a fake or meta
+    tensor. Unlike under ``vmap``, no host decision is possible then."""
+    if torch.compiler.is_compiling() or is_capturing(t):
+        return True
+    t = physical(t)
+    return t.device.type == "meta" or isinstance(t, FakeTensor)
 
 
 def values_hidden(t: Tensor) -> bool:
