@@ -3,7 +3,9 @@
 Each subcommand lives with its problem (``bilevel.problems.<name>.cli``) and
 exposes ``register(subparsers)``, which adds its parser and sets ``func``.
 Invalid settings and missing or corrupt files end the command with their
-message and exit status 2 (``BILEVEL_TRACEBACK=1`` shows the traceback).
+message and exit status 2 (``BILEVEL_TRACEBACK=1`` shows the traceback); a
+training run stopped by SIGTERM or SIGINT ends, checkpointed, with one line
+saying how to resume and the status ``128 + signum``.
 """
 
 from __future__ import annotations
@@ -40,8 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     # Import only the requested command's module; all of them for help or an unknown command.
     requested = [argv[0]] if argv and argv[0] in COMMANDS else None
     args = build_parser(requested).parse_args(argv)
+    from bilevel.runner.stop import Preempted
+
     try:
         return int(args.func(args) or 0)
+    except Preempted as stopped:  # SIGTERM or SIGINT: checkpointed; say how to go on
+        print(f"bilevel {args.command}: {stopped}", file=sys.stderr)
+        return stopped.status
     except (ValueError, OSError, FloatingPointError) as err:
         # bad settings, missing or corrupt files, a run that met NaN or Inf: say what, not where
         if os.environ.get("BILEVEL_TRACEBACK"):

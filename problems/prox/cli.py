@@ -14,8 +14,10 @@ the best single weight of a grid. Examples::
 An output folder that holds a run is refused unless --resume continues it or
 --overwrite deletes it. --resume restores the run's settings from its
 checkpoint; flags given with it must match, except the resumable ones (--steps,
---checkpoint-every, --device, --data-dir). A damaged checkpoint is named with
-the way out: --resume previous (the previous checkpoint, kept beside it) or --overwrite.
+--checkpoint-every, --log-every, --max-minutes, --device, --data-dir, --threads).
+A damaged checkpoint is named with the way out: --resume previous (the previous
+checkpoint, kept beside it) or --overwrite. SIGTERM or Ctrl-C stops the run after
+a checkpoint of its last step.
 """
 
 from __future__ import annotations
@@ -23,81 +25,67 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-__all__ = ["register", "run"]
+__all__ = ["register", "run_command"]
 
 
 def register(subparsers: Any) -> None:
     """Add the ``prox`` command."""
-    from bilevel.runs import add_run_flags, count, real, track_given
+    from bilevel.runner.flags import add_shared_flags, deprecated_alias
+    from bilevel.runs import count, real, track_given
     from bilevel.solvers import SOLVERS
 
+    from .config import DIFFERENTIATIONS, ProxConfig
     from .data import DATASETS
-    from .experiment import DIFFERENTIATIONS
     from .operators import FILTER_BANKS
     from .problem import FORWARD
 
+    d = ProxConfig()
     p = subparsers.add_parser("prox", help="learned image-restoration priors through implicit fixed points",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     track_given(p)
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS, default="shapes",
+    data.add_argument("--dataset", choices=DATASETS, default=d.dataset,
                       help="generated piecewise-constant shapes, or MNIST digits from --data-dir (default shapes)")
-    data.add_argument("--data-dir", default=None, help="folder holding mnist/ (default $BILEVEL_DATA_DIR)")
-    data.add_argument("--size", type=count(8), default=32, help="image side in pixels (default 32)")
-    data.add_argument("--n-train", type=count(1), default=16, help="training images (default 16)")
-    data.add_argument("--n-test", type=count(1), default=64, help="held-out images (default 64)")
-    data.add_argument("--blur", type=real(0), default=1.0, help="Gaussian blur sigma in pixels (default 1; 0 denoises)")
-    data.add_argument("--noise", type=real(0), default=0.05, help="noise standard deviation (default 0.05)")
-    data.add_argument("--seed", type=count(0), default=0, help="seed of the images and the noise")
+    data.add_argument("--size", type=count(8), default=d.size, help="image side in pixels (default %(default)s)")
+    data.add_argument("--n-train", type=count(1), default=d.n_train, help="training images (default %(default)s)")
+    data.add_argument("--n-test", type=count(1), default=d.n_test, help="held-out images (default %(default)s)")
+    data.add_argument("--blur", type=real(0), default=d.blur,
+                      help="Gaussian blur sigma in pixels (default %(default)s; 0 denoises)")
+    data.add_argument("--noise", type=real(0), default=d.noise, help="noise standard deviation (default %(default)s)")
     model = p.add_argument_group("regularizer and solvers")
-    model.add_argument("--filters", choices=FILTER_BANKS, default="fd",
+    model.add_argument("--filters", choices=FILTER_BANKS, default=d.filters,
                        help="tv: first differences; fd: first and second differences (default)")
     model.add_argument("--learn-filters", action="store_true", help="learn the 3x3 filters too (field of experts)")
-    model.add_argument("--eps", type=real(0, low_open=True), default=0.02, help="Huber width (default 0.02)")
-    model.add_argument("--differentiation", choices=tuple(DIFFERENTIATIONS), default="optimality",
+    model.add_argument("--eps", type=real(0, low_open=True), default=d.eps, help="Huber width (default %(default)s)")
+    model.add_argument("--differentiation", choices=tuple(DIFFERENTIATIONS), default=d.differentiation,
                        help="optimality: grad E = 0 (CG); pg: proximal-gradient fixed point (GMRES); admm: ADMM "
-                            "fixed point on (x, z, u) (GMRES); unrolled: reverse mode through --max-iter PG steps")
-    model.add_argument("--solver", choices=sorted(SOLVERS), default=None,
-                       help="adjoint solver (default: cg for optimality, gmres for pg and admm)")
-    model.add_argument("--adjoint-rtol", type=real(0, low_open=True), default=1e-6)
-    model.add_argument("--adjoint-maxiter", type=count(1), default=1000)
-    model.add_argument("--forward", choices=FORWARD, default="admm",
-                       help="forward solver for --differentiation optimality (default admm)")
-    model.add_argument("--tol", type=real(0), default=1e-7, help="forward solvers' relative-change tolerance")
-    model.add_argument("--max-iter", type=count(1), default=3000, help="forward iteration cap; the unrolled steps")
-    model.add_argument("--penalty", type=real(0, low_open=True), default=0.1,
-                       help="ADMM penalty, relative to mean(w) / eps (default 0.1)")
-    model.add_argument("--on-failure", choices=("warn", "raise", "ignore"), default="warn",
+                            "fixed point on (x, z, u) (GMRES); unrolled: reverse mode through --inner-steps PG steps")
+    model.add_argument("--forward", choices=FORWARD, default=d.forward,
+                       help="forward solver for --differentiation optimality (default %(default)s)")
+    model.add_argument("--tol", type=real(0), default=d.tol, help="forward solvers' relative-change tolerance")
+    model.add_argument("--penalty", type=real(0, low_open=True), default=d.penalty,
+                       help="ADMM penalty, relative to mean(w) / eps (default %(default)s)")
+    model.add_argument("--on-failure", choices=("warn", "raise", "ignore"), default=d.on_failure,
                        help="what an unconverged adjoint solve or inner solution does (always recorded)")
+    model.add_argument("--dtype", choices=("float64", "float32"), default=d.dtype)
     loop = p.add_argument_group("outer loop")
-    loop.add_argument("--grid", type=count(2), default=13, help="single-weight grid points (default 13)")
-    loop.add_argument("--grid-low", type=real(), default=-9.0, help="smallest log weight of the grid")
-    loop.add_argument("--grid-high", type=real(), default=-3.0, help="largest log weight of the grid")
-    loop.add_argument("--lr", type=real(0, low_open=True), default=0.05, help="Adam step (default 0.05)")
-    loop.add_argument("--steps", type=count(1), default=60, help="Adam steps (default 60)")
-    run_group = p.add_argument_group("run")
-    run_group.add_argument("--dtype", choices=("float64", "float32"), default="float64")
-    run_group.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    run_group.add_argument("--out-dir", default="runs/prox", help="metrics, checkpoint, summary (default runs/prox)")
-    add_run_flags(run_group, "<out-dir>/checkpoint.pt")
-    run_group.add_argument("--checkpoint-every", type=count(1), default=10, help="steps between checkpoints")
-    run_group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.set_defaults(func=run)
+    loop.add_argument("--grid", type=count(2), default=d.grid, help="single-weight grid points (default %(default)s)")
+    loop.add_argument("--grid-low", type=real(), default=d.grid_low, help="smallest log weight of the grid")
+    loop.add_argument("--grid-high", type=real(), default=d.grid_high, help="largest log weight of the grid")
+    loop.add_argument("--lr", type=real(0, low_open=True), default=d.lr, help="Adam step (default %(default)s)")
+    run = add_shared_flags(p, ProxConfig, solvers=SOLVERS, help={
+        "solver": "adjoint solver (default: cg for optimality, gmres for pg and admm)",
+        "inner_steps": "forward iteration cap; the unrolled steps (default {default})"})
+    deprecated_alias(run, "--adjoint-rtol", "--solver-rtol", "solver_rtol", type=real(0, low_open=True))
+    deprecated_alias(run, "--adjoint-maxiter", "--solver-maxiter", "solver_maxiter", type=count(1))
+    deprecated_alias(run, "--max-iter", "--inner-steps", "inner_steps", type=count(1))
+    p.set_defaults(func=run_command)
 
 
-def run(args: argparse.Namespace) -> int:
-    import json
+def run_command(args: argparse.Namespace) -> int:
+    from bilevel.runner.flags import config_from_args, run_from_args
 
-    from bilevel.runs import given_flags, restore, settings_of
+    from .config import ProxConfig
+    from .experiment import COMMAND
 
-    from .experiment import RUN_KEYS, run_experiment, saved_settings
-
-    settings = settings_of(args)
-    if args.resume:  # the run's settings, with the flags given on top
-        settings = restore(saved_settings(settings["out_dir"], args.resume), settings, given_flags(args), RUN_KEYS,
-                           settings["out_dir"])
-    if settings["grid_low"] >= settings["grid_high"]:
-        raise ValueError(f"--grid-low {settings['grid_low']} must be below --grid-high {settings['grid_high']}")
-    summary = run_experiment(settings)
-    print(json.dumps(summary, indent=2))
-    return 0
+    return run_from_args(COMMAND, config_from_args(ProxConfig, args), args)

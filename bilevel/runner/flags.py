@@ -1,0 +1,142 @@
+"""The flags every training command shares, one meaning per name, with defaults from its config.
+
+:data:`SHARED` is the vocabulary: ``--out-dir``, ``--data-dir``, ``--device``,
+``--seed``, ``--steps``, ``--resume``, ``--overwrite``, ``--checkpoint-every``,
+``--log-every``, ``--no-progress``, ``--threads``, ``--max-minutes`` and, for the
+adjoint solve and the inner problem, ``--solver``, ``--solver-maxiter``,
+``--solver-rtol`` (scipy's words) and ``--inner-steps``. :func:`add_shared_flags`
+adds them to a command's parser, each storing into the config field of its name
+(or the one a command maps it to) with that field's default, so the config
+dataclass stays the one source of defaults.
+
+Older spellings stay accepted for one release through :func:`deprecated_alias`:
+hidden from ``--help``, they store into the same field and print one line
+naming the new spelling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any, Iterable, Mapping
+
+from bilevel.checkpoint import RESUME_CHOICES
+from bilevel.runs import _TRACKED, count, given_flags, real, settings_of, track_given
+
+__all__ = ["SHARED", "add_shared_flags", "config_defaults", "config_from_args", "deprecated_alias", "run_from_args"]
+
+SHARED = ("--out-dir", "--data-dir", "--device", "--seed", "--steps", "--resume", "--overwrite",
+          "--checkpoint-every", "--log-every", "--no-progress", "--threads", "--max-minutes", "--solver",
+          "--solver-maxiter", "--solver-rtol", "--inner-steps")
+"""The flags of every training command."""
+
+_HELP = {
+    "out_dir": "output folder: metrics, checkpoints, final results (default {default})",
+    "data_dir": "folder of the real data sets (default: $BILEVEL_DATA_DIR, else the nearest shared/data in the "
+                "current folder or above, else ~/.cache/bilevel/data)",
+    "device": "cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)",
+    "seed": "seed of the data, the initialization and the sampling (default {default})",
+    "steps": "training steps (default {default})",
+    "checkpoint_every": "steps between checkpoints (default {default})",
+    "log_every": "steps between metrics records (default {default})",
+    "threads": "torch CPU threads (default: torch's)",
+    "max_minutes": "stop training after this wall-clock time, at a log step: checkpointed, then the final "
+                   "evaluation; --resume continues it",
+    "solver": "linear solver of the adjoint system (default {default})",
+    "solver_maxiter": "iteration cap of the adjoint solve (default {default})",
+    "solver_rtol": "the adjoint solve converges when ||b - A v|| <= rtol ||b|| (default {default})",
+    "inner_steps": "iterations of the inner solve (default {default})",
+}
+_TYPES = {"seed": count(0), "steps": count(1), "checkpoint_every": count(1), "log_every": count(1),
+          "threads": count(1), "max_minutes": real(0, low_open=True), "solver_maxiter": count(1),
+          "solver_rtol": real(0, low_open=True), "inner_steps": count(1)}
+
+
+class _Deprecated(_TRACKED["store"]):  # type: ignore[misc, valid-type]
+    """A hidden older spelling: stores like the new flag and says which that is."""
+
+    def __init__(self, *args: Any, new: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"{parser.prog}: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        super().__call__(parser, namespace, values, option_string)
+
+
+def deprecated_alias(parser: argparse.ArgumentParser | argparse._ArgumentGroup, old: str, new: str, dest: str,
+                     **kwargs: Any) -> None:
+    """Accept ``old`` as a hidden spelling of ``new`` (storing into ``dest``; ``kwargs``: its type)."""
+    parser.add_argument(old, dest=dest, action=_Deprecated, new=new, help=argparse.SUPPRESS,
+                        default=argparse.SUPPRESS, **kwargs)
+
+
+def config_defaults(config_cls: type) -> dict[str, Any]:
+    """The defaults of the dataclass ``config_cls`` (every field must have one)."""
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            for f in dataclasses.fields(config_cls)}
+
+
+def add_shared_flags(parser: argparse.ArgumentParser, config_cls: type, *,
+                     fields: Mapping[str, str] | None = None, solvers: Iterable[str] | None = None,
+                     help: Mapping[str, str] | None = None, skip: Iterable[str] = ()) -> argparse._ArgumentGroup:
+    """Add :data:`SHARED` to ``parser`` (a :func:`~bilevel.runs.track_given` one), in a group "run".
+
+    ``fields`` maps a flag's own field name (``"solver_maxiter"``) to the config field it
+    stores into when that is named otherwise; ``solvers`` are ``--solver``'s choices;
+    ``help`` replaces a flag's help (``{default}`` is filled in); ``skip`` names flags the
+    caller adds itself (with the same spelling and meaning). Returns the group.
+    """
+    fields = dict(fields or {})
+    defaults = config_defaults(config_cls)
+    texts = {**_HELP, **(help or {})}
+    group = parser.add_argument_group("run (shared by every training command)")
+    skip = set(skip)
+
+    def add(flag: str, **kwargs: Any) -> None:
+        if flag in skip:
+            return
+        name = flag[2:].replace("-", "_")
+        dest = fields.get(name, name)
+        if dest not in defaults:
+            raise ValueError(f"{config_cls.__name__} has no field {dest!r} for {flag}")
+        text = texts[name].format(default=defaults[dest])
+        group.add_argument(flag, dest=dest, default=defaults[dest], help=text, **kwargs)
+
+    for flag in ("--out-dir", "--data-dir", "--device"):
+        add(flag)
+    for flag in ("--seed", "--steps", "--checkpoint-every", "--log-every", "--threads", "--max-minutes",
+                 "--solver-maxiter", "--solver-rtol", "--inner-steps"):
+        add(flag, type=_TYPES[flag[2:].replace("-", "_")])
+    add("--solver", choices=sorted(solvers) if solvers is not None else None)
+    if "--no-progress" not in skip:
+        group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    runs = group.add_mutually_exclusive_group()
+    runs.add_argument("--resume", nargs="?", const="latest", choices=RESUME_CHOICES, default=None,
+                      help="continue the run in the output folder from its checkpoint, with the run's settings "
+                           "(flags given here must match them, except the resumable ones); 'previous': from the "
+                           "previous checkpoint kept beside it (when the latest one is damaged)")
+    runs.add_argument("--overwrite", action="store_true",
+                      help="delete the files of the run already in the output folder and start over")
+    return group
+
+
+def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
+    """The config of the parsed ``args``: every field of ``config_cls`` found among them."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: v for k, v in settings_of(args).items() if k in names})
+
+
+def run_from_args(command: Any, config: Any, args: argparse.Namespace) -> int:
+    """Run ``command`` with ``config`` as the command line ``args`` asks (``--threads``,
+    ``--resume``, ``--overwrite``, the flags given); the command's exit status."""
+    import torch
+
+    from bilevel.runner.loop import run
+
+    if getattr(args, "threads", None) is not None:
+        torch.set_num_threads(args.threads)
+    run(command, config, resume=args.resume or False, overwrite=args.overwrite, given=given_flags(args))
+    return 0
