@@ -14,7 +14,7 @@ then prints, over seeds (95% Student-t intervals):
   rule ``m - (maml + oracle) / 2``, which is negative (for accuracy: positive) exactly
   when ``m`` closes more than half of the gap on that seed.
 
-Every run's ``final.json`` (without its settings) goes to ``<results>.json``
+Every run's ``final.json`` (without its config) goes to ``<results>.json``
 with the summary and the paired differences, and one row per run to
 ``<results>.csv``. Flags it does not know are passed to ``bilevel nested``.
 
@@ -148,7 +148,7 @@ def main() -> None:
     records = []
     for seed in args.seeds:
         for method in args.methods:
-            record = {k: v for k, v in run_one(method, seed, args, extra).items() if k != "settings"}
+            record = {k: v for k, v in run_one(method, seed, args, extra).items() if k not in ("settings", "config")}
             records.append(record)
             metric = metric_of([record])
             print(f"seed {seed} {method:10s} {metric} {record[metric]:.4f}  AUROC {record['auroc']:.3f}  "

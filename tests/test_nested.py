@@ -22,7 +22,7 @@ from bilevel.testing.tight import newton_polish
 
 nested_train = importlib.import_module("bilevel.problems.nested.train")  # the module, not its train()
 TINY = ["--train-tasks", "4", "--val-tasks", "2", "--test-tasks", "4", "--shots", "3", "--queries", "3",
-        "--inner-steps", "2", "--solver-steps", "2", "--weight-every", "2", "--weight-start", "0",
+        "--inner-steps", "2", "--solver-maxiter", "2", "--weight-every", "2", "--weight-start", "0",
         "--outer-solver-steps", "2", "--log-every", "2",
         "--checkpoint-every", "2", "--no-progress"]
 
@@ -201,7 +201,7 @@ def test_omniglot_command_trains_and_reports_accuracy(tmp_path, capsys, monkeypa
     out = tmp_path / "run"
     args = ["nested", "--dataset", "omniglot", "--method", "influence", "--steps", "2", "--channels", "4",
             "--train-tasks", "4", "--meta-batch", "2", "--val-tasks", "2", "--test-tasks", "3", "--queries", "1",
-            "--inner-steps", "1", "--solver-steps", "2", "--weight-start", "0", "--weight-every", "1",
+            "--inner-steps", "1", "--solver-maxiter", "2", "--weight-start", "0", "--weight-every", "1",
             "--outer-solver-steps", "2", "--log-every", "1", "--checkpoint-every", "1", "--no-progress",
             "--out-dir", str(out)]
     assert main(args) == 0
@@ -273,13 +273,13 @@ def test_nan_in_the_task_data_is_refused_with_the_tasks_named(tmp_path, capsys, 
 @pytest.mark.parametrize("method", nested_train.METHODS)
 def test_a_non_finite_meta_gradient_stops_the_run_before_it_reaches_the_parameters(method):
     config = NestedConfig(method=method, steps=2, train_tasks=4, val_tasks=2, test_tasks=2, shots=3, queries=3,
-                          inner_steps=2, solver_steps=2, weight_start=0, weight_every=1, outer_solver_steps=2)
-    run = nested_train._Run(config, torch.device("cpu"))
+                          inner_steps=2, solver_maxiter=2, weight_start=0, weight_every=1, outer_solver_steps=2)
+    run = nested_train.NestedRun(config, torch.device("cpu"))
     run.pool.tasks.support_y[3, 0] = float("nan")  # a clean task, after the data were checked
     before = {k: v.detach().clone() for k, v in run.theta.items()}
     with pytest.raises(NonFiniteError, match="NaN or Inf"):
         run.train_step()
-    assert run.step == 0 and all(torch.equal(before[k], v.detach()) for k, v in run.theta.items())
+    assert run.taken == 0 and all(torch.equal(before[k], v.detach()) for k, v in run.theta.items())
 
 
 def test_a_run_that_meets_nan_ends_with_one_error_line(tmp_path, capsys, monkeypatch):

@@ -14,7 +14,8 @@ One run trains one method (maml, imaml, uniform, oracle, lookahead, influence, n
 pool; benchmarks/nested.py runs them all over seeds. An output folder that holds
 a run is refused unless --resume continues it or --overwrite deletes it; --resume
 restores the run's settings from its checkpoint (flags given with it must match,
-except --steps, --log-every, --checkpoint-every, --device and --threads).
+except --steps, --log-every, --checkpoint-every, --max-minutes, --device, --data-dir
+and --threads). SIGTERM or Ctrl-C stops the run after a checkpoint of its last step.
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from bilevel.runs import add_run_flags, count, real, track_given
+from bilevel.runs import count, real, track_given
 
 
 def register(subparsers: Any) -> None:
     """Add the ``nested`` subcommand."""
     from bilevel.problems.imaml.omniglot import SPLITS
+
+    from bilevel.runner.flags import add_shared_flags, deprecated_alias
+    from bilevel.solvers import SOLVERS
 
     from .problem import WEIGHTINGS
     from .tasks import CORRUPTIONS
@@ -63,27 +67,19 @@ def register(subparsers: Any) -> None:
                       help="Omniglot: channels of the convolutional network (default: %(default)s)")
     data.add_argument("--split", choices=SPLITS, default=d.split,
                       help="Omniglot: meta-train/meta-test characters (default: %(default)s)")
-    data.add_argument("--data-dir", default=None, help="Omniglot: folder of the archives (bilevel.datadir)")
     data.add_argument("--cache-dir", default=None, help="Omniglot: folder of the decoded-image cache")
     algo = parser.add_argument_group("algorithm")
     algo.add_argument("--lam", type=real(0, low_open=True), default=None,
                       help="iMAML's proximal strength " + per_dataset("lam"))
     algo.add_argument("--inner-lr", type=real(0, low_open=True), default=None,
                       help="first Armijo trial step (iMAML), fixed step (MAML) " + per_dataset("inner_lr"))
-    algo.add_argument("--inner-steps", type=count(1), default=None,
-                      help="Armijo steps of the adaptation " + per_dataset("inner_steps"))
     algo.add_argument("--inner-tol", type=real(0), default=d.inner_tol,
                       help="a task whose inner gradient norm is at most this stops moving")
     algo.add_argument("--maml-inner-steps", type=count(1), default=None,
                       help="MAML's plain inner steps of --inner-lr " + per_dataset("maml_inner_steps"))
-    algo.add_argument("--solver-steps", type=count(1), default=d.solver_steps,
-                      help="MINRES iterations of each task's meta-gradient")
-    algo.add_argument("--solver-rtol", type=real(0, low_open=True), default=d.solver_rtol,
-                      help="relative residual at which a task's MINRES solve stops")
     algo.add_argument("--mu", type=real(0), default=d.mu, help="L2 strength of the middle level")
     algo.add_argument("--meta-lr", type=real(0, low_open=True), default=None,
                       help="Adam step on theta " + per_dataset("meta_lr"))
-    algo.add_argument("--steps", type=count(1), default=None, help="meta-steps " + per_dataset("steps"))
     algo.add_argument("--meta-batch", type=count(1), default=None,
                       help="tasks drawn from the pool per step, the oracle's from its clean tasks (default: "
                            "sinusoid the whole pool, omniglot 8)")
@@ -99,39 +95,21 @@ def register(subparsers: Any) -> None:
                       help="GMRES iterations of the outer hypergradient's adjoint solve")
     algo.add_argument("--outer-ridge", type=real(0), default=d.outer_ridge,
                       help="ridge added to the middle level's Jacobian in the outer adjoint solve")
-    run = parser.add_argument_group("run")
-    run.add_argument("--seed", type=count(0), default=d.seed, help="seed of the pools and the initialization")
-    run.add_argument("--log-every", type=count(1), default=d.log_every)
-    run.add_argument("--checkpoint-every", type=count(1), default=d.checkpoint_every)
-    run.add_argument("--out-dir", default="runs/nested", help="output folder (default: %(default)s)")
-    add_run_flags(run, "<out-dir>/checkpoint.pt")
-    run.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    run.add_argument("--threads", type=count(1), default=None, help="torch CPU threads")
-    run.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    run = add_shared_flags(parser, NestedConfig, solvers=SOLVERS, help={
+        "data_dir": "Omniglot: folder of the archives (bilevel.datadir)",
+        "seed": "seed of the pools and the initialization (default {default})",
+        "steps": "meta-steps " + per_dataset("steps"),
+        "inner_steps": "Armijo steps of the adaptation " + per_dataset("inner_steps"),
+        "solver": "linear solver of each task's meta-gradient (default {default})",
+        "solver_maxiter": "iteration cap of each task's meta-gradient solve (default {default})",
+        "solver_rtol": "relative residual at which a task's meta-gradient solve stops (default {default})"})
+    deprecated_alias(run, "--solver-steps", "--solver-maxiter", "solver_maxiter", type=count(1))
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-    from pathlib import Path
+    from bilevel.runner.flags import config_from_args, run_from_args
 
-    import torch
+    from .train import COMMAND, NestedConfig
 
-    from bilevel.devices import resolve_device
-    from bilevel.runs import given_flags, restore, settings_of
-
-    from .train import CHECKPOINT, RESUMABLE, NestedConfig, saved_settings, train
-
-    settings = settings_of(args)
-    fields = {f.name for f in dataclasses.fields(NestedConfig)}
-    if args.resume:
-        saved = saved_settings(Path(args.out_dir) / CHECKPOINT, args.resume)
-        settings = restore(saved, settings, given_flags(args), RESUMABLE, args.out_dir)
-    if settings["threads"] is not None:
-        torch.set_num_threads(settings["threads"])
-    config = NestedConfig(**{k: v for k, v in settings.items() if k in fields})
-    final = train(config, args.out_dir, resume=args.resume or False, overwrite=args.overwrite,
-                  device=resolve_device(settings["device"]), progress=settings["progress"])
-    print(json.dumps({k: v for k, v in final.items() if k not in ("weights", "corrupted", "settings")}))
-    return 0
+    return run_from_args(COMMAND, config_from_args(NestedConfig, args), args)

@@ -25,17 +25,16 @@ The adaptation is iMAML's (``lam``, ``inner_steps`` Armijo steps from ``inner_lr
 task's meta-gradient by MINRES to ``solver_rtol``: the settings of ``bilevel imaml``'s
 sinusoid job); MAML takes ``maml_inner_steps`` plain steps of ``inner_lr``.
 
-Files in the output folder: ``metrics.jsonl`` (validation loss and the weights'
-AUROC every ``log_every`` steps), ``checkpoint.pt`` (:func:`bilevel.checkpoint.save`:
-atomic, digest-checked, the previous one kept as ``checkpoint.prev.pt``) and
-``final.json`` (test MSE with its 95% interval over test tasks, the AUROC,
-the learned weights, training seconds and peak memory).
+:class:`NestedRun` is the instance that :data:`COMMAND` hands to the run loop
+(:mod:`bilevel.runner.loop`), which writes ``metrics.jsonl`` (validation loss and
+the weights' AUROC at step 0 and every ``log_every`` steps), ``checkpoint.pt`` and
+``final.json`` (test MSE with its 95% interval over test tasks, the AUROC, the
+learned weights, training seconds and peak memory).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import resource
 import time
@@ -48,27 +47,26 @@ import torch
 from torch import Tensor
 
 import bilevel
-from bilevel.checkpoint import file_patterns, load_for_resume
-from bilevel.checkpoint import save as save_checkpoint
 from bilevel.policy import require_finite
 from bilevel.problems.imaml import (IMAMLProblem, Task, adapt, conv4_forward, conv4_init, cross_entropy, meta_gradient,
                                    mlp_forward, mlp_init, mse)
+from bilevel.problems.imaml.experiment import make_solver
 from bilevel.problems.imaml.models import Params
 from bilevel.problems.imaml.omniglot import SPLITS, load_omniglot
 from bilevel.problems.imaml.problem import balanced_groups
 from bilevel.problems.nested.problem import (WEIGHTINGS, NestedData, NestedMAMLProblem, influence_weights,
                                              lookahead_weights, task_weights)
 from bilevel.problems.nested.tasks import CorruptedOmniglot, CorruptedSinusoid, TaskPool
-from bilevel.runs import output_patterns, prepare_output, read_records, write_records, write_text_atomic
-from bilevel.solvers import GMRES, MINRES, Status
+from bilevel.runner import Command, Run
+from bilevel.runner import run as run_loop
+from bilevel.solvers import GMRES, Status
 
-__all__ = ["CHECKPOINT", "DATASETS", "DATASET_DEFAULTS", "METHODS", "NestedConfig", "RESUMABLE", "RUN_FILES", "auroc",
-           "saved_settings", "train"]
+__all__ = ["COMMAND", "DATASETS", "DATASET_DEFAULTS", "METHODS", "NestedConfig", "NestedRun", "RESUMABLE", "auroc",
+           "train"]
 
 METHODS = ("maml", "imaml", "uniform", "oracle", "lookahead", "influence", "nested")
-CHECKPOINT = "checkpoint.pt"
-RUN_FILES = (*file_patterns(CHECKPOINT), *output_patterns("metrics.jsonl", "final.json"))
-RESUMABLE = frozenset({"steps", "log_every", "checkpoint_every", "data_dir", "cache_dir"})
+RESUMABLE = frozenset({"steps", "log_every", "checkpoint_every", "max_minutes", "data_dir", "cache_dir", "device",
+                       "threads"})
 """Settings a resumed run may change; every other one must match the checkpoint."""
 
 
@@ -120,7 +118,8 @@ class NestedConfig:
     inner_steps: int | None = None
     inner_tol: float = 1e-3
     maml_inner_steps: int | None = None
-    solver_steps: int = 20
+    solver: str = "minres"
+    solver_maxiter: int = 20
     solver_rtol: float = 1e-2
     mu: float = 1e-3
     meta_lr: float | None = None
@@ -137,6 +136,11 @@ class NestedConfig:
     checkpoint_every: int = 100
     data_dir: str | None = None
     cache_dir: str | None = None
+    max_minutes: float | None = None
+    device: str | None = None
+    threads: int | None = None
+    out_dir: str = "runs/nested"
+    progress: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -215,8 +219,8 @@ def _network(config: NestedConfig) -> tuple[Any, Any, Params, Any]:
     return conv4_forward, cross_entropy, init, balanced_groups(conv4_forward, config.ways, config.shots)
 
 
-class _Run:
-    """The state of one method's training: meta-parameters, optimizers, task weights."""
+class NestedRun:
+    """One method's training (the run loop's instance): meta-parameters, optimizers, task weights."""
 
     def __init__(self, config: NestedConfig, device: torch.device):
         self.config = config
@@ -226,7 +230,7 @@ class _Run:
                                   inner_steps=config.inner_steps, inner_optimizer="armijo", inner_tol=config.inner_tol)
         self.maml = IMAMLProblem(forward, loss, lam=0.0, inner_lr=config.inner_lr,
                                  inner_steps=config.maml_inner_steps)
-        self.solver = MINRES(maxiter=config.solver_steps, rtol=config.solver_rtol)
+        self.solver = make_solver(config.solver, config.solver_maxiter, 0.0, config.solver_rtol)
         theta = {k: v.to(device) for k, v in init.items()}
         self.problem = NestedMAMLProblem(self.imaml, theta, mu=config.mu, adapt_solver=self.solver,
                                          weighting=config.weighting)
@@ -240,7 +244,7 @@ class _Run:
         self.held = torch.ones(n, device=device)  # influence: each task's weight from its latest update
         self.batches = np.random.default_rng([config.seed, 2])  # the meta-batches' draws
         self.outer_solves: dict[str, int] = {}  # nested, influence: the weight updates' adjoint solves by status
-        self.step, self.elapsed = 0, 0.0
+        self.taken, self.elapsed = 0, 0.0  # steps taken, their seconds
 
     def weights(self) -> Tensor:
         """The method's task weights: fixed, learned, or the look-ahead rule's average so far."""
@@ -290,7 +294,7 @@ class _Run:
         return self.problem.middle_gradient(theta, w, m)
 
     def weight_update_due(self) -> bool:
-        return self.step >= self.config.weight_start and self.step % self.config.weight_every == 0
+        return self.taken >= self.config.weight_start and self.taken % self.config.weight_every == 0
 
     def outer_solver(self) -> GMRES:
         """The weight updates' adjoint solver: GMRES capped at ``outer_solver_steps``, ridge ``outer_ridge``."""
@@ -310,13 +314,13 @@ class _Run:
             self.u.grad = hyper.grad
             self.u_opt.step()
         grads = self.meta_grad(theta, data)
-        require_finite(grads, f"the meta-gradient of step {self.step} ({self.config.method})",
+        require_finite(grads, f"the meta-gradient of step {self.taken} ({self.config.method})",
                        "a training task's adaptation diverged: raise --lam or lower --inner-lr, or --resume from the "
                        "checkpoint (it holds the last finite meta-parameters) with a smaller --meta-lr")
         for k, p in self.theta.items():
             p.grad = grads[k]
         self.opt.step()
-        self.step += 1
+        self.taken += 1
 
     def problem_for_eval(self) -> IMAMLProblem:
         return self.maml if self.config.method == "maml" else self.imaml
@@ -336,7 +340,7 @@ class _Run:
 
     def validation(self) -> dict[str, float]:
         scores = {k: v for k, v in self.scores(self.data.val, "val").items() if not k.endswith(("_ci95", "_before"))}
-        return {"step": self.step, **scores, "auroc": auroc(self.weights(), self.pool.corrupted),
+        return {"step": self.taken, **scores, "auroc": auroc(self.weights(), self.pool.corrupted),
                 "seconds": self.elapsed, **self.solve_counts()}
 
     def solve_counts(self) -> dict[str, dict[str, int]]:
@@ -351,7 +355,7 @@ class _Run:
     def state_dict(self) -> dict[str, Any]:
         return {"theta": {k: v.detach() for k, v in self.theta.items()}, "opt": self.opt.state_dict(),
                 "u": self.u.detach(), "u_opt": self.u_opt.state_dict(), "weight_sum": self.weight_sum,
-                "seen": self.seen, "held": self.held, "batches": self.batches.bit_generator.state, "step": self.step,
+                "seen": self.seen, "held": self.held, "batches": self.batches.bit_generator.state, "step": self.taken,
                 "elapsed": self.elapsed, "outer_solves": dict(self.outer_solves)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -367,13 +371,45 @@ class _Run:
             self.batches.bit_generator.state = state["batches"]
         self.opt.load_state_dict(state["opt"])
         self.u_opt.load_state_dict(state["u_opt"])
-        self.step, self.elapsed = state["step"], state["elapsed"]
+        self.taken, self.elapsed = state["step"], state["elapsed"]
         self.outer_solves = dict(state.get("outer_solves", {}))  # absent from checkpoints written before it
 
+    # the run loop's protocol (bilevel.runner.loop.Instance)
 
-def saved_settings(path: str | Path, resume: bool | str = True) -> dict[str, Any]:
-    """The settings of the run whose checkpoint is ``path`` (``resume="previous"``: the previous one)."""
-    return load_for_resume(path, resume, map_location="cpu")["settings"]
+    def start(self) -> dict[str, Any]:
+        return self.validation()
+
+    def step(self, index: int) -> None:
+        began = time.perf_counter()
+        self.train_step()
+        self.elapsed += time.perf_counter() - began
+
+    def record(self, step: int, last: bool, seconds: float) -> dict[str, Any]:
+        return self.validation()
+
+    def postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        val = record.get("val_mse", record.get("val_accuracy"))
+        return {"val": f"{val:.3f}", "auroc": f"{record['auroc']:.2f}"}
+
+    def evaluate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        c = self.config
+        device = self.u.device
+        return {"method": c.method, "seed": c.seed, "corrupt": c.corrupt, "steps": self.taken,
+                "seconds": self.elapsed, "peak_mib": _peak_mib(device), "device": str(device), **self.test(),
+                **self.solve_counts()}
+
+    def report(self, final: dict[str, Any]) -> list[str]:
+        c = self.config
+        score = (f"test MSE {final['test_mse']:.4f} +- {final['test_mse_ci95']:.4f}" if "test_mse" in final else
+                 f"test accuracy {100 * final['test_accuracy']:.1f}% +- {100 * final['test_accuracy_ci95']:.1f}")
+        lines = [f"nested: {c.method} on {c.dataset}, {c.train_tasks} training tasks ({c.corrupt:g} corrupted), "
+                 f"{final['steps']} steps, seed {c.seed}",
+                 f"  after adaptation on {c.test_tasks} clean test tasks (95% interval): {score}",
+                 f"  AUROC of the task weights (clean above corrupted): {final['auroc']:.3f}"]
+        if "outer_solves" in final:
+            solves = ", ".join(f"{k} {v}" for k, v in sorted(final["outer_solves"].items())) or "none"
+            lines.append(f"  outer adjoint solves (GMRES, at most {c.outer_solver_steps} iterations): {solves}")
+        return lines
 
 
 def _peak_mib(device: torch.device) -> float:
@@ -383,52 +419,15 @@ def _peak_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train(config: NestedConfig, out_dir: str | Path, *, resume: bool | str = False, overwrite: bool = False,
-          device: torch.device | str = "cpu", progress: bool = False) -> dict[str, Any]:
-    """Train ``config.method`` for ``config.steps`` steps (continuing the run in ``out_dir`` with
-    ``resume``) and return the ``final.json`` record."""
-    device = torch.device(device)
-    out = prepare_output(out_dir, RUN_FILES, resume=bool(resume), overwrite=overwrite)
-    ckpt_path, metrics_path = out / CHECKPOINT, out / "metrics.jsonl"
-    settings = dataclasses.asdict(config)
-    run = _Run(config, device)
-    if resume:
-        ckpt = load_for_resume(ckpt_path, resume, map_location=device)
-        saved = {**dataclasses.asdict(NestedConfig()), **ckpt["settings"]}  # a setting added later: its default
-        changed = sorted(k for k in settings if k not in RESUMABLE and saved[k] != settings[k])
-        if changed:
-            raise ValueError(f"cannot resume the run in {out} with other settings: {changed} differ; use the run's "
-                             "values, or start over with --overwrite")
-        run.load_state_dict(ckpt["state"])
-        records = read_records(metrics_path, upto=run.step)
-    else:
-        records = [run.validation()]
-    write_records(metrics_path, records)
+def train(config: NestedConfig, out_dir: str | Path | None = None, *, resume: bool | str = False,
+          overwrite: bool = False, device: torch.device | str | None = None,
+          progress: bool = False) -> dict[str, Any]:
+    """Train ``config.method`` for ``config.steps`` steps in ``out_dir`` (default ``config.out_dir``;
+    continuing the run there with ``resume``) and return the ``final.json`` record."""
+    config = dataclasses.replace(config, device=str(device) if device is not None else config.device)
+    return run_loop(COMMAND, config, out_dir=out_dir, resume=resume, overwrite=overwrite, progress=progress,
+                    report=False)
 
-    def save() -> None:
-        save_checkpoint({"settings": settings, "state": run.state_dict()}, ckpt_path)
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=config.steps, initial=run.step, desc=f"nested {config.method}", disable=not progress)
-    while run.step < config.steps:
-        began = time.perf_counter()
-        run.train_step()
-        run.elapsed += time.perf_counter() - began
-        bar.update(1)
-        if run.step % config.log_every == 0 or run.step == config.steps:
-            records.append(run.validation())
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(records[-1]) + "\n")
-            val = records[-1].get("val_mse", records[-1].get("val_accuracy"))
-            bar.set_postfix(val=f"{val:.3f}", auroc=f"{records[-1]['auroc']:.2f}")
-        if run.step % config.checkpoint_every == 0:
-            save()
-    bar.close()
-    save()
-    final = {"method": config.method, "seed": config.seed, "corrupt": config.corrupt, "steps": run.step,
-             "seconds": run.elapsed, "peak_mib": _peak_mib(device), "device": str(device), **run.test(),
-             **run.solve_counts(),
-             "settings": settings}
-    write_text_atomic(out / "final.json", json.dumps(final, indent=1) + "\n")
-    return final
+COMMAND = Command("nested", lambda config, run: NestedRun(config, run.device), RESUMABLE)
+"""``bilevel nested`` for the run loop."""
