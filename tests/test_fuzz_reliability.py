@@ -6,7 +6,10 @@ crash, and no case may land in the last three. Valid problems come from the
 families with closed forms (plain and vmapped); bad inputs cover NaN/Inf in any
 tensor, parameters of the wrong kind, dtype or structure, broken problem
 definitions, bad options, solvers that do not fit the operator, ill-conditioned
-and singular systems in float32 and float64, and NaN reaching ``implicit_root``.
+and singular systems in float32 and float64, NaN reaching ``implicit_root``, and a
+share of derivatives taken through ``torch.func`` (``jacrev``, ``jacfwd``,
+``vmap(grad)``, ``jvp``, and ``hypergradient`` under ``vmap``) with unconverged,
+mismatched and nonsymmetric solves.
 
 Examples per test: ``FUZZ_EXAMPLES`` (default 40; the ``thorough`` hypothesis
 profile 400). ``BILEVEL_FUZZ_REPORT=path.json`` writes the tally of outcomes.
@@ -28,7 +31,7 @@ import bilevel
 from bilevel import solvers
 from bilevel.testing import strategies as bst
 from bilevel.testing.families import FAMILIES, ProblemCase, stack_data
-from bilevel.testing.outcomes import Outcome, Verdict, classify
+from bilevel.testing.outcomes import TRANSFORMS, Outcome, Verdict, classify, derivative_through, linear_reference
 from bilevel.testing.strategies import operator_matrix
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "default")
@@ -361,3 +364,75 @@ def test_implicit_root_is_right_or_refuses_nan(case, solver, poison):
         data["X_val"][0, 0] = math.nan
         verdict = classify(run)
     record("implicit_root", verdict, *((Outcome.CLEAR_ERROR,) if poison != "none" else ()))
+
+
+# ------------------------------------------------------------ under torch.func transforms
+
+ROOT_KINDS = ("spd", "indefinite", "nonsymmetric")
+ROOT_SOLVERS = ("cg", "minres", "gmres", "bicgstab", "neumann", "normal_cg", "direct")
+CAPS = (1, 2, 5, 20, 100, 500)
+
+
+def _capped(name: str, maxiter: int) -> solvers.LinearSolver:
+    return solvers.Direct() if name == "direct" else type(solvers.get_solver(name))(rtol=1e-12, maxiter=maxiter)
+
+
+def _within_a_millionth(want: torch.Tensor) -> dict:
+    """``classify``'s tolerance for a result off by at most 1e-6 of the reference's largest entry."""
+    return {"rtol": 0.0, "atol": 1e-6 * float(want.abs().max()) + 1e-12}
+
+
+@fuzz
+@given(data=st.data())
+def test_derivatives_through_transforms_are_right_or_say_so(data):
+    """``phi*(theta) = A^{-1} (B theta + c)`` by ``implicit_root`` or ``implicit_fixed_point``, differentiated
+    through ``jacrev``, ``jacfwd``, ``vmap(grad)`` or ``jvp`` with any solver and cap: the Jacobian ``A^{-1} B``
+    (closed form), or an error, or a warning; never a finite wrong number without a word."""
+    kind = data.draw(st.sampled_from(ROOT_KINDS), label="kind")
+    n, m = data.draw(st.integers(2, 8), label="n"), data.draw(st.integers(1, 3), label="m")
+    condition = data.draw(st.sampled_from((1.0, 1e2, 1e4)), label="condition")
+    seed = data.draw(bst.seeds(), label="seed")
+    name = data.draw(st.sampled_from(ROOT_SOLVERS), label="solver")
+    maxiter = data.draw(st.sampled_from(CAPS), label="maxiter")
+    transform = data.draw(st.sampled_from(TRANSFORMS), label="transform")
+    on_failure = data.draw(st.sampled_from(("warn", "raise")), label="on_failure")
+    fixed_point = data.draw(st.booleans(), label="implicit_fixed_point")
+    A = operator_matrix(kind, n, condition, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    B, c = torch.randn(n, m, generator=g, dtype=F64), torch.randn(n, generator=g, dtype=F64)
+    theta, direction = torch.randn(m, generator=g, dtype=F64), torch.randn(m, generator=g, dtype=F64)
+    solver = _capped(name, maxiter)
+    if fixed_point:  # T(z) = z - (A z - B theta - c): the same root, I - d_z T = A
+        decorator = bilevel.implicit_fixed_point(lambda z, t: z - (A @ z - B @ t - c), solver, on_failure=on_failure)
+    else:
+        decorator = bilevel.implicit_root(lambda p, t: A @ p - B @ t - c, solver, on_failure=on_failure)
+    phi_star = decorator(lambda t: torch.linalg.solve(A, B @ t + c))
+    want = linear_reference(transform, torch.linalg.solve(A, B), direction)
+    verdict = classify(lambda: derivative_through(transform, phi_star, theta, direction), lambda got: (got, want),
+                       **_within_a_millionth(want))
+    record(f"transform/{transform}", verdict)
+    if on_failure == "raise":
+        assert verdict.outcome is not Outcome.REPORTED, f"on_failure='raise' only warned: {verdict.detail}"
+
+
+@fuzz
+@given(case=bst.problems(families=("ridge", "quadratic", "contraction", "saddle")), data=st.data())
+def test_hypergradients_under_vmap_are_right_or_say_so(case, data):
+    """``hypergradient`` vmapped over outer points with any solver and cap: the closed form at every
+    point, or an error, or one warning (the policy applied beneath ``vmap``, no ``check_result``)."""
+    name = data.draw(st.sampled_from(ROOT_SOLVERS), label="solver")
+    maxiter = data.draw(st.sampled_from(CAPS), label="maxiter")
+    on_failure = data.draw(st.sampled_from(("warn", "raise")), label="on_failure")
+    points = torch.stack([case.outer, 0.5 * case.outer, case.outer + 0.25])
+    solver = _capped(name, maxiter)
+    want = torch.stack([case.problem.closed_form(p, case.data) for p in points])
+
+    def run():
+        return torch.func.vmap(lambda o: bilevel.hypergradient(case.problem, o, case.data, solver=solver,
+                                                               on_failure=on_failure).grad)(points)
+
+    verdict = classify(run, lambda got: (got, want), **_within_a_millionth(want))
+    record("transform/vmap(hypergradient)", verdict)
+    if on_failure == "raise":
+        assert verdict.outcome is not Outcome.REPORTED, f"on_failure='raise' only warned: {verdict.detail}"
+

@@ -34,7 +34,8 @@ import bilevel
 from bilevel.errors import BilevelError, BilevelWarning, ConvergenceError, ConvergenceWarning, NonFiniteError
 from bilevel.pytree import tree_leaves
 
-__all__ = ["Outcome", "Verdict", "classify", "is_library_frame"]
+__all__ = ["TRANSFORMS", "Outcome", "Verdict", "classify", "derivative_through", "is_library_frame",
+           "linear_reference"]
 
 _LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) for m in (bilevel, bilevel.solvers))
 _LIBRARY_ERRORS = (BilevelError, ConvergenceError, NonFiniteError)
@@ -132,3 +133,34 @@ def classify(call: Callable[[], Any], expected: Callable[[Any], Tensor | None] |
         return Verdict(Outcome.CORRECT, f"max error {float(err.max()) if err.numel() else 0.0:.2e}", value)
     return Verdict(Outcome.SILENT_WRONG, f"max error {float(err.max()):.3e} beyond atol {atol} + rtol {rtol}",
                    value)
+
+
+TRANSFORMS = ("jacrev", "jacfwd", "vmap(grad)", "jvp")
+"""The ``torch.func`` routes :func:`derivative_through` takes to a function's derivative."""
+
+
+def derivative_through(transform: str, fn: Callable[[Tensor], Tensor], x: Tensor, direction: Tensor) -> Tensor:
+    """The derivative of ``fn: R^m -> R^n`` at ``x`` as a user takes it through ``transform``.
+
+    ``"jacrev"``, ``"jacfwd"``: the Jacobian ``J`` (``n x m``). ``"vmap(grad)"``: the same
+    Jacobian row by row, ``vmap`` over the points (``x`` repeated) and the cotangents ``e_i``
+    of ``grad(lambda x, e: fn(x) @ e)``, so the forward call is batched too. ``"jvp"``:
+    ``J @ direction``. :func:`linear_reference` gives the matching closed form.
+    """
+    if transform == "jacrev":
+        return torch.func.jacrev(fn)(x)
+    if transform == "jacfwd":
+        return torch.func.jacfwd(fn)(x)
+    if transform == "vmap(grad)":
+        n = fn(x).shape[-1]
+        basis = torch.eye(n, dtype=x.dtype, device=x.device)
+        return torch.func.vmap(torch.func.grad(lambda point, e: fn(point) @ e))(x.expand(n, *x.shape), basis)
+    if transform == "jvp":
+        return torch.func.jvp(fn, (x,), (direction,))[1]
+    raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+
+
+def linear_reference(transform: str, jacobian: Tensor, direction: Tensor) -> Tensor:
+    """What :func:`derivative_through` must return for a function with Jacobian ``jacobian``."""
+    return jacobian @ direction if transform == "jvp" else jacobian
+
