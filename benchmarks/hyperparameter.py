@@ -14,7 +14,7 @@ the grid search's wall time. scikit-learn runs with its defaults (L-BFGS,
 
 ``cleaning``: the all-corrupted model (every weight 1) and the oracle trained
 on the clean examples only, against a finished ``bilevel hyperopt cleaning``
-run (its ``summary.json``); reports the share of the gap closed.
+run (its ``final.json``); reports the share of the gap closed.
 
 ``solvers``: the hypergradient of per-feature L2 on a subsample by CG, the
 Neumann series and unrolled reverse mode, against the dense direct solve:
@@ -149,11 +149,11 @@ def train(data: Splits, x: torch.Tensor, y: torch.Tensor, reg: float) -> torch.T
 
 
 def cmd_cleaning(args) -> list[dict]:
-    summary = json.loads((Path(args.run) / "summary.json").read_text())
-    settings = summary["settings"]
+    summary = json.loads((Path(args.run) / "final.json").read_text())
+    settings = summary["config"]
     data = mnist_splits(load_mnist(args.data_dir), n_train=settings["n_train"], n_val=settings["n_val"],
                         n_test=settings["n_test"], seed=settings["seed"])
-    noisy, corrupted = corrupt_labels(data.y_train, settings["corruption"], data.n_classes, seed=settings["seed"])
+    noisy, corrupted = corrupt_labels(data.y_train, settings["corrupt"], data.n_classes, seed=settings["seed"])
     rows = []
     baselines = (("all corrupted data (weights 1)", torch.ones_like(corrupted)),
                  ("oracle: clean examples only", ~corrupted))

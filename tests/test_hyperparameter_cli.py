@@ -33,14 +33,14 @@ def test_l2_run_and_exact_resume(tmp_path, shared_data, capsys):
               "--n-val", "200", "--n-test", "200", "--checkpoint-every", "2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run([*common, "--out-dir", str(straight), "--steps", "6"]) == 0
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "hyperopt l2: per-feature L2 on german, 6 outer steps" in capsys.readouterr().out
+    printed = json.loads((straight / "final.json").read_text())
     rows = records(straight)
     assert [r["step"] for r in rows] == list(range(7)) and printed["final"]["step"] == 6
     assert printed["selected"] == printed["final"]  # no held-out selection set: the last step
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
     assert {"test_loss", "test_acc", "tol", "accepted", "solve_iterations"} <= set(rows[-1])
     assert (straight / "plot.png").stat().st_size > 0
-    assert json.loads((straight / "summary.json").read_text())["final"]["step"] == 6
 
     assert run([*common, "--out-dir", str(resumed), "--steps", "3", "--no-plot"]) == 0
     with open(resumed / "metrics.jsonl", "a") as fh:  # a step logged after the last checkpoint is redone
@@ -50,8 +50,8 @@ def test_l2_run_and_exact_resume(tmp_path, shared_data, capsys):
     assert run([*common, "--out", str(resumed), "--steps", "6", "--resume", "--no-plot"]) == 0
     assert "--out is deprecated; use --out-dir" in capsys.readouterr().err
     assert without_time(records(resumed)) == without_time(rows)
-    a = checkpoint.load(straight / "checkpoint.pt")["state"]
-    b = checkpoint.load(resumed / "checkpoint.pt")["state"]
+    a = checkpoint.load(straight / "checkpoint.pt")["state"]["state"]
+    b = checkpoint.load(resumed / "checkpoint.pt")["state"]["state"]
     assert torch.equal(a["outer"], b["outer"]) and torch.equal(a["inner"], b["inner"])
 
 
@@ -67,7 +67,7 @@ def test_held_out_selection_keeps_the_step_with_the_lowest_held_out_loss(tmp_pat
             "--n-train", "300", "--n-val", "200", "--n-test", "200", "--steps", "8", "--select-fraction", "0.25",
             "--out-dir", str(tmp_path)]
     assert run(argv) == 0
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = json.loads((tmp_path / "final.json").read_text())
     rows = records(tmp_path)
     best = min(rows, key=lambda r: r["select_loss"])
     assert printed["selected"]["step"] == best["step"] and printed["final"]["step"] == 8
@@ -103,7 +103,7 @@ def test_a_missing_device_is_named_before_any_data_is_read(tmp_path):
 
 def test_cleaning_run_reports_the_separation_of_corrupted_examples(tmp_path, shared_data):
     out = tmp_path / "cleaning"
-    assert run(["cleaning", "--corruption", "0.5", "--data-dir", str(shared_data), "--n-train", "300",
+    assert run(["cleaning", "--corrupt", "0.5", "--data-dir", str(shared_data), "--n-train", "300",
                 "--n-val", "200", "--n-test", "300", "--reg", "1e-2", "--steps", "3", "--no-progress",
                 "--out-dir", str(out)]) == 0
     rows = records(out)

@@ -129,14 +129,16 @@ def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
     return config_cls(**{k: v for k, v in settings_of(args).items() if k in names})
 
 
-def run_from_args(command: Any, config: Any, args: argparse.Namespace) -> int:
+def run_from_args(command: Any, config: Any, args: argparse.Namespace, compare: Iterable[str] = ()) -> int:
     """Run ``command`` with ``config`` as the command line ``args`` asks (``--threads``,
-    ``--resume``, ``--overwrite``, the flags given); the command's exit status."""
+    ``--resume``, ``--overwrite``, the flags given; ``compare``: fields that count as given
+    whatever the command line, such as a subcommand); the command's exit status."""
     import torch
 
     from bilevel.runner.loop import run
 
     if getattr(args, "threads", None) is not None:
         torch.set_num_threads(args.threads)
-    run(command, config, resume=args.resume or False, overwrite=args.overwrite, given=given_flags(args))
+    given = {**given_flags(args), **{name: name for name in compare}}
+    run(command, config, resume=args.resume or False, overwrite=args.overwrite, given=given)
     return 0

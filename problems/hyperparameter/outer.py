@@ -64,17 +64,19 @@ class HOAG:
         problem: the bilevel problem; its ``inner_tol`` and ``residual_tol`` are set each step.
         data: passed to the problem.
         solver: adjoint solver with ``rtol``/``atol`` fields (default ``CG(maxiter=1000)``); its
-            tolerance is replaced by ``atol = eps_k, rtol = 0`` each step.
+            tolerance is replaced by ``atol = eps_k`` and ``rtol`` each step.
         tol0, tol_decay, tol_min: the schedule ``eps_k = max(tol_min, tol0 * tol_decay^k)``.
         first_move: the first step moves the largest coordinate of ``outer`` by this much
             (``alpha_0 = first_move / max|grad F|``).
         grow, shrink: step size factors after an accepted / rejected step.
         on_failure: policy for non-converged solves (see :func:`bilevel.hypergradient`).
+        rtol: the adjoint solve's relative tolerance beside the schedule's absolute one (default 0:
+            the schedule alone).
     """
 
     def __init__(self, problem: BilevelProblem, data: Any, *, solver: LinearSolver | None = None,
                  tol0: float = 1e-3, tol_decay: float = 0.9, tol_min: float = 1e-8, first_move: float = 1.0,
-                 grow: float = 1.5, shrink: float = 0.5, on_failure: str = "warn"):
+                 grow: float = 1.5, shrink: float = 0.5, on_failure: str = "warn", rtol: float = 0.0):
         if not (0 < tol_decay <= 1 and 0 < tol_min <= tol0):
             raise ValueError(f"need 0 < tol_decay <= 1 and 0 < tol_min <= tol0, got tol_decay={tol_decay}, "
                              f"tol_min={tol_min}, tol0={tol0}")
@@ -87,6 +89,7 @@ class HOAG:
         self.tol0, self.tol_decay, self.tol_min = tol0, tol_decay, tol_min
         self.first_move, self.grow, self.shrink = first_move, grow, shrink
         self.on_failure = on_failure
+        self.rtol = rtol
 
     def tolerance(self, iteration: int) -> float:
         return max(self.tol_min, self.tol0 * self.tol_decay ** iteration)
@@ -99,7 +102,7 @@ class HOAG:
         self.problem.residual_tol = tol
         base = self.solver
         if dataclasses.is_dataclass(base) and {"rtol", "atol"} <= {f.name for f in dataclasses.fields(base)}:
-            base = dataclasses.replace(base, rtol=0.0, atol=tol)
+            base = dataclasses.replace(base, rtol=self.rtol, atol=tol)
         result = hypergradient(self.problem, outer, self.data, solver=base, init=init,
                                adjoint_x0=adjoint, on_failure=self.on_failure)
         return result, result.solve.x.detach()

@@ -1,4 +1,5 @@
-"""The two command-line tasks, built from their settings: data, problem, start point, metrics."""
+"""The two command-line tasks, built from their settings (a :class:`~.config.HyperoptConfig` as a dict):
+data, problem, start point, metrics."""
 
 from __future__ import annotations
 
@@ -86,18 +87,18 @@ def _test_metrics(data: Splits, inner: Tensor, select: tuple[Tensor, Tensor] | N
 def l2_task(settings: dict[str, Any]) -> Task:
     """Per-feature L2 on ``settings["dataset"]``, starting from ``exp(lambda_j) = init_penalty``."""
     data, select = _hold_out(_splits(settings), settings.get("select_fraction", 0.0), settings["seed"])
-    problem = PerFeatureL2(max_inner_iter=settings["max_inner_iter"])
+    problem = PerFeatureL2(max_inner_iter=settings["inner_steps"])
     outer0 = torch.full((data.x_train.shape[1],), math.log(settings["init_penalty"]), dtype=data.x_train.dtype,
                         device=data.x_train.device)
     return Task("l2", problem, data, outer0, lambda outer, inner: _test_metrics(data, inner, select), torch.exp)
 
 
 def cleaning_task(settings: dict[str, Any]) -> Task:
-    """Hyper-cleaning of MNIST with a fraction ``settings["corruption"]`` of random training labels."""
+    """Hyper-cleaning of MNIST with a fraction ``settings["corrupt"]`` of random training labels."""
     clean, select = _hold_out(_splits(settings), settings.get("select_fraction", 0.0), settings["seed"])
-    noisy, corrupted = corrupt_labels(clean.y_train, settings["corruption"], clean.n_classes, seed=settings["seed"])
+    noisy, corrupted = corrupt_labels(clean.y_train, settings["corrupt"], clean.n_classes, seed=settings["seed"])
     data = clean._replace(y_train=noisy)
-    problem = HyperCleaning(reg=settings["reg"], max_inner_iter=settings["max_inner_iter"])
+    problem = HyperCleaning(reg=settings["reg"], max_inner_iter=settings["inner_steps"])
     outer0 = torch.zeros(data.x_train.shape[0], dtype=data.x_train.dtype, device=data.x_train.device)
 
     def metrics(outer: Tensor, inner: Tensor) -> dict[str, float]:
