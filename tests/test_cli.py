@@ -67,22 +67,25 @@ def test_invalid_settings_end_with_the_message_not_a_traceback(capsys, monkeypat
 
 def test_imaml_device_defaults_to_cuda_when_available(monkeypatch, tmp_path, capsys):
     from bilevel.devices import resolve_device
-    from bilevel.problems.imaml import train as imaml_train
+    from bilevel.problems.imaml import job
 
     seen = {}
 
-    def fake_train(config, **_):
+    def fake_loop(command, config, **_):
         seen["config"] = config
         return {"test": {}}
 
-    monkeypatch.setattr(imaml_train, "train", fake_train)
+    monkeypatch.setattr(job, "run_loop", fake_loop)
     assert cli.main(["imaml", "--out-dir", str(tmp_path), "--steps", "1", "--baseline", "none"]) == 0
     assert seen["config"].device == str(resolve_device(None))
 
 
-@pytest.mark.parametrize("spelling", ["--solver-steps", "--cg-steps"])
-def test_imaml_solver_steps_has_one_name_across_commands_and_keeps_the_older_one(spelling):
+@pytest.mark.parametrize("spelling", ["--solver-maxiter", "--solver-steps", "--cg-steps"])
+def test_imaml_solver_maxiter_has_one_name_across_commands_and_keeps_the_older_ones(spelling, capsys):
     args = cli.build_parser(["imaml"]).parse_args(["imaml", spelling, "7"])
     assert args.cg_steps == 7
-    nested = cli.build_parser(["nested"]).parse_args(["nested", "--solver-steps", "7"])
-    assert nested.solver_steps == 7
+    nested = cli.build_parser(["nested"]).parse_args(["nested", spelling if spelling != "--cg-steps" else
+                                                      "--solver-maxiter", "7"])
+    assert nested.solver_maxiter == 7
+    deprecated = capsys.readouterr().err
+    assert ("is deprecated; use --solver-maxiter" in deprecated) == (spelling != "--solver-maxiter")

@@ -12,13 +12,13 @@ An output folder that holds a run is refused unless --resume continues it or
 checkpoint; flags given with it must match, except the resumable ones (--steps,
 --max-minutes, --device, ...). A damaged checkpoint is named with the way out:
 --resume previous (the previous checkpoint, kept beside it) or --overwrite.
+SIGTERM or Ctrl-C stops the run after a checkpoint of its last step.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 
 __all__ = ["register", "run"]
 
@@ -26,6 +26,7 @@ __all__ = ["register", "run"]
 def register(subparsers: argparse._SubParsersAction) -> None:
     from bilevel.problems.imaml.config import (BASELINES, DATASETS, EVAL_BN, INNER_OPTIMIZERS, LR_SCHEDULES, MODES,
                                                SOLVERS, SPLITS, VARIANTS, Config)
+    from bilevel.runner.flags import deprecated_alias
     from bilevel.runs import add_run_flags, count, real, track_given
 
     defaults = Config()
@@ -46,9 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--solver", choices=sorted(SOLVERS), default=defaults.solver,
                    help="linear solver for (I + H/lam) (default minres on the sinusoid, which handles indefinite "
                         "systems; cg on Omniglot)")
-    p.add_argument("--solver-steps", "--cg-steps", dest="cg_steps", type=count(1), default=defaults.cg_steps,
-                   help="the adjoint solver's iterations, whichever --solver (default 20 sinusoid, 5 Omniglot; "
-                        "--cg-steps is the older spelling)")
+    p.add_argument("--solver-maxiter", dest="cg_steps", type=count(1), default=defaults.cg_steps,
+                   help="the adjoint solver's iterations, whichever --solver (default 20 sinusoid, 5 Omniglot)")
+    for old in ("--solver-steps", "--cg-steps"):
+        deprecated_alias(p, old, "--solver-maxiter", "cg_steps", type=count(1))
     p.add_argument("--solver-rtol", type=real(0, low_open=True),
                    help="the adjoint solve converges when ||b - A v|| <= rtol ||b|| (default 1e-2 sinusoid, "
                         "the solver's 1e-5 on Omniglot)")
@@ -122,26 +124,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--spike-factor", type=real(1, low_open=True), default=defaults.spike_factor,
                    help="warn when a step's query loss exceeds this times its running median (default 10)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--threads", type=count(1), help="torch CPU threads (default: torch's)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from bilevel.devices import resolve_device
-    from bilevel.problems.imaml.config import RESUMABLE, Config
-    from bilevel.problems.imaml.job import report, run_job
-    from bilevel.problems.imaml.train import load_checkpoint
-    from bilevel.runs import given_flags, restore, settings_of
+    from bilevel.problems.imaml.config import Config
+    from bilevel.problems.imaml.job import run_job
+    from bilevel.runs import given_flags, settings_of
 
     fields = {f.name for f in dataclasses.fields(Config)}
     settings = {**Config().to_dict(), **{k: v for k, v in settings_of(args).items() if k in fields}}
-    if args.resume:  # the run's settings, with the flags given on top
-        saved = load_checkpoint(settings["out_dir"], args.resume)["config"]
-        settings = restore({k: v for k, v in saved.items() if k != "out_dir"}, settings, given_flags(args),
-                           RESUMABLE, settings["out_dir"])
-    if settings["device"] is None:  # a new run without --device
+    if settings["device"] is None:  # without --device: a new run takes cuda when available; --resume the run's
         settings["device"] = str(resolve_device(None))
-    config = Config(**settings)
-    final = run_job(config, resume=args.resume or False, overwrite=args.overwrite)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports
-        print(report(final, config.resolved()))
+    if settings["threads"] is not None:
+        torch.set_num_threads(settings["threads"])
+    given = given_flags(args)
+    run_job(Config(**settings), resume=args.resume or False, overwrite=args.overwrite, given=given, report=True)
     return 0

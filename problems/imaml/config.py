@@ -21,7 +21,7 @@ MODES = ("implicit", "unrolled", "first_order")
 # Settings that may change when a run is resumed; everything else must match the checkpoint.
 RESUMABLE = ("steps", "max_minutes", "cuda_graph", "chunk_size", "exact", "eval_lam", "device", "data_dir",
              "cache_dir", "out_dir", "progress", "spike_factor", "baseline", "eval_queries", "eval_bn",
-             "eval_rotations")
+             "eval_rotations", "threads", "log_every", "checkpoint_every")
 BASELINES = ("maml", "none")
 # Omniglot's presets: the paper's reference code (aravindr93/imaml_dev: plain inner steps then one
 # proximal step, its CG system damped by about 22 in --damping units), which trains, and the formula.
@@ -118,6 +118,7 @@ class Config:
     data_dir: str | None = None
     cache_dir: str | None = None
     progress: bool = True
+    threads: int | None = None
     spike_factor: float = 10.0
     baseline: str | None = None
 

@@ -13,16 +13,14 @@ and MAML's, and the solver outcomes.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
-from bilevel import distributed
 from bilevel.problems.imaml.config import Config
-from bilevel.problems.imaml import train as training
-from bilevel.problems.imaml.train import CHECKPOINT, METRICS
+from bilevel.runner import CHECKPOINT, METRICS, Run
+from bilevel.runner import run as run_loop
 
-__all__ = ["run_job", "baseline_config", "report", "BASELINE_DIR"]
+__all__ = ["run_job", "run_baseline", "baseline_config", "method_name", "report", "BASELINE_DIR"]
 
 BASELINE_DIR = "baseline_maml"
 
@@ -36,36 +34,31 @@ def baseline_config(config: Config) -> Config:
                                out_dir=str(Path(config.out_dir) / BASELINE_DIR)).resolved()
 
 
-def run_job(config: Config, *, resume: bool | str = False, overwrite: bool = False) -> dict[str, Any]:
-    """:func:`~bilevel.problems.imaml.train.train` ``config``, then its baseline (if any); the final results.
+def run_job(config: Config, *, resume: bool | str = False, overwrite: bool = False,
+            given: dict[str, str] | None = None, report: bool = False) -> dict[str, Any]:
+    """Meta-train ``config`` and, when its resolved ``baseline`` is ``"maml"``, the baseline beside
+    it (:func:`run_baseline`); the final results. ``given``: the flags typed, for ``--resume``."""
+    from bilevel.problems.imaml.train import command
 
-    The baseline runs as many meta-steps as the run did (a ``max_minutes`` stop
-    included) and resumes with the run when it has a checkpoint of its own.
-    """
-    from bilevel.problems.imaml import plots
-    from bilevel.runs import write_text_atomic
-
-    resolved = config.resolved()
-    ctx = distributed.init(resolved.device)  # under torchrun both runs are sharded; rank 0 writes
-    final = training.train(config, resume=resume, overwrite=overwrite, ctx=ctx)
-    if resolved.baseline != "maml":
-        return final
-    maml = dataclasses.replace(baseline_config(resolved), steps=final["meta_steps"], max_minutes=None)
-    maml_resume = bool(resume) and (Path(maml.out_dir) / CHECKPOINT).is_file()
-    result = training.train(maml, resume=maml_resume, overwrite=overwrite and not maml_resume, ctx=ctx)
-    final["baseline"] = {"method": "maml", "out_dir": maml.out_dir, "inner_steps": maml.inner_steps,
-                         "lam": maml.lam, "inner_lr": maml.inner_lr, "meta_steps": result["meta_steps"],
-                         "test": result["test"]}
-    if not ctx.is_main:
-        return final
-    out = Path(resolved.out_dir)
-    write_text_atomic(out / "final.json", json.dumps(final, indent=2) + "\n")
-    plots.learning_curves(out / METRICS, out / "learning_curves.png", classification=resolved.dataset == "omniglot",
-                          label=_method(resolved), baseline=(Path(maml.out_dir) / METRICS, "MAML baseline"))
-    return final
+    return run_loop(command(baseline=True), config.resolved(), resume=resume, overwrite=overwrite, given=given,
+                    report=report)
 
 
-def _method(config: Config) -> str:
+def run_baseline(config: Config, meta_steps: int, run: Run) -> dict[str, Any]:
+    """Meta-train the MAML baseline of the resolved ``config`` for ``meta_steps`` (the run's, a
+    ``max_minutes`` stop included) in ``<out_dir>/baseline_maml``, resuming with the run when it
+    has a checkpoint of its own; its entry of ``final.json``."""
+    from bilevel.problems.imaml.train import command
+
+    maml = dataclasses.replace(baseline_config(config), steps=meta_steps, max_minutes=None)
+    resume = bool(run.resume) and (Path(maml.out_dir) / CHECKPOINT).is_file()
+    result = run_loop(command(), maml, resume=resume, overwrite=run.overwrite and not resume, ctx=run.ctx,
+                      progress=run.progress, report=False)
+    return {"method": "maml", "out_dir": maml.out_dir, "inner_steps": maml.inner_steps, "lam": maml.lam,
+            "inner_lr": maml.inner_lr, "meta_steps": result["meta_steps"], "test": result["test"]}
+
+
+def method_name(config: Config) -> str:
     return {"implicit": "iMAML", "unrolled": "MAML", "first_order": "FOMAML"}[config.mode]
 
 
@@ -76,10 +69,8 @@ def _interval(test: dict[str, Any], key: str, scale: float = 1.0, digits: int = 
 def report(final: dict[str, Any], config: Config) -> str:
     """The lines the command prints when the run of the resolved ``config`` ends with ``final``
     (the parts of ``final`` that are present)."""
-    out, test = Path(config.out_dir), final["test"]
-    files = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.endswith(".tmp"))
-    lines = [f"{_method(config)} on {config.dataset}, {final.get('meta_steps', 0)} meta-steps. Files in {out}: "
-             f"{', '.join(files)}"]
+    test = final["test"]
+    lines = [f"{method_name(config)} on {config.dataset}, {final.get('meta_steps', 0)} meta-steps"]
     if "protocol" in test:
         lines.append(f"protocol: {test['protocol']}")
     if "acc_after" in test:

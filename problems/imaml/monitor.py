@@ -96,7 +96,7 @@ class Monitor:
         failed = ", ".join(f"{name} {n}" for name, n in counts.items() if n and name != "converged")
         return (f"step {record['step']}: {total - converged} of {total} adjoint solves missed the tolerance "
                 f"in the last window ({failed}; {self.failing_windows} such window(s) so far): the implicit "
-                f"meta-gradient is approximate. Raise --solver-steps, add --damping, use --solver minres for "
+                f"meta-gradient is approximate. Raise --solver-maxiter, add --damping, use --solver minres for "
                 f"indefinite systems, or solve the inner problem further (--inner-optimizer armijo)")
 
     def _spikes(self, first_step: int, losses: list[float]) -> str | None:

@@ -12,25 +12,17 @@ and the health warnings of :class:`~bilevel.problems.imaml.monitor.Monitor`
 (most solves failing, loss spikes; NaN stops the run). ``final.json`` ends with
 the run's solver outcomes.
 
-``<out_dir>/checkpoint.pt`` (settings, meta-parameters, Adam state, step,
-sampler state) is written at step 0 and every ``checkpoint_every`` steps by
-:func:`bilevel.checkpoint.save` (atomic, with a SHA-256 digest checked on load,
-the previous one kept as ``checkpoint.prev.pt``); :func:`train` with
-``resume=True`` continues from it exactly as if the run had not stopped
-(``resume="previous"`` from the previous one). A folder that holds a run is
-refused unless it is resumed or ``overwrite=True`` deletes that run's files.
-``max_minutes`` stops a run at the first log step past that wall-clock budget,
-with a checkpoint, so ``--resume`` (with more time) continues it.
+:class:`IMAMLRun` is the instance the run loop drives (:mod:`bilevel.runner.loop`):
+the loop owns ``checkpoint.pt`` (settings, meta-parameters, Adam state, sampler
+state, the statistics not yet logged), ``metrics.jsonl``, ``final.json``, resume,
+``max_minutes`` and the preemption checkpoint; the instance adds the plots.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,25 +30,22 @@ import numpy as np
 import torch
 
 from bilevel import distributed
-from bilevel.checkpoint import file_patterns, load_for_resume
-from bilevel.checkpoint import save as save_checkpoint
+from bilevel.checkpoint import load_for_resume
 from bilevel.cuda_graph import CUDAGraphed
 from bilevel.problems.imaml.config import RESUMABLE, Config
 from bilevel.problems.imaml.experiment import Experiment, build, protocol
 from bilevel.problems.imaml.models import Params
 from bilevel.problems.imaml.monitor import Monitor, summarize
 from bilevel.problems.imaml.problem import MetaGradient, adapt, meta_gradient
-from bilevel.runs import output_patterns, prepare_output, read_records, write_records, write_text_atomic
+from bilevel.runner import CHECKPOINT, METRICS, Command, Run
+from bilevel.runner import run as run_loop
 from bilevel.solvers import Status
 
 __all__ = ["train", "evaluate", "combine", "combine_in_order", "load_checkpoint", "CHECKPOINT", "METRICS",
-           "RUN_FILES"]
+           "IMAMLRun", "command"]
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-RUN_FILES = (*file_patterns(CHECKPOINT),
-             *output_patterns(METRICS, "final.json", "learning_curves.png", "sinusoid_fits.png"))
-"""The files a run writes in its folder (globs): what ``overwrite`` deletes."""
+PLOTS = ("learning_curves.png", "sinusoid_fits.png")
+"""The files a run writes besides the loop's."""
 EVAL_SEED = 1  # evaluation tasks come from their own generator, the same at every evaluation
 
 
@@ -100,36 +89,12 @@ def evaluate(exp: Experiment, theta: Params, n_tasks: int, chunk: int, device: t
     return result
 
 
-def _save(out: Path, config: Config, step: int, rng: np.random.Generator, seconds: float, theta: Params,
-          optimizer: torch.optim.Optimizer) -> None:
-    """Checkpoint the run at ``step`` (plain values and CPU tensors only: it is read with ``weights_only``)."""
-    save_checkpoint({"config": config.to_dict(), "step": step, "rng": rng.bit_generator.state, "seconds": seconds,
-                     "theta": {k: v.cpu() for k, v in theta.items()}, "optimizer": optimizer.state_dict()},
-                    out / CHECKPOINT)
-
-
 def load_checkpoint(out_dir: str | os.PathLike, resume: bool | str = True) -> dict[str, Any]:
     """The checkpoint of the run in ``out_dir`` (``resume="previous"``: the previous one kept beside it).
 
     Raises :class:`~bilevel.errors.CheckpointError` when it is damaged, ``FileNotFoundError`` when absent.
     """
     return load_for_resume(Path(out_dir) / CHECKPOINT, resume, map_location="cpu")
-
-
-def _check_compatible(saved: dict[str, Any], config: Config) -> None:
-    current = config.to_dict()
-    saved = {**Config().to_dict(), **saved}  # a setting newer than the checkpoint had its default
-    changed = [k for k in current if k not in RESUMABLE and saved[k] != current[k]]
-    if changed:
-        details = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
-        raise ValueError(f"cannot resume: settings differ from the checkpoint ({details}); "
-                         f"use the original settings or a new --out-dir")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop the lines logged after ``step`` (written after the checkpoint, before a crash), and a
-    last line cut short by a kill."""
-    write_records(path, read_records(path, upto=step))
 
 
 class _Window:
@@ -177,6 +142,16 @@ class _Window:
         self.reset()
         return out, losses.tolist()
 
+    _LISTS = ("loss", "inner", "status", "converged", "indefinite", "iterations")
+
+    def state_dict(self) -> dict[str, list[torch.Tensor]]:
+        """The steps not logged yet (a run stopped between two logs), on the CPU."""
+        return {name: [t.cpu() for t in getattr(self, name)] for name in self._LISTS}
+
+    def load_state_dict(self, state: dict[str, list[torch.Tensor]], device: torch.device) -> None:
+        for name in self._LISTS:
+            setattr(self, name, [t.to(device) for t in state[name]])
+
 
 def combine(ctx: distributed.Context, local: MetaGradient, meta_batch: int) -> MetaGradient:
     """The whole meta-batch's :class:`MetaGradient` from every rank's share.
@@ -208,6 +183,143 @@ def combine_in_order(ctx: distributed.Context, parts: list[MetaGradient], meta_b
     return parts[0]._replace(grad=ctx.ordered_mean(grads, meta_batch), **ctx.gather(per_task, meta_batch))
 
 
+class IMAMLRun:
+    """A meta-training run (the run loop's instance): Adam on the meta-parameters, evaluations,
+    and with ``baseline`` the MAML baseline of the resolved config beside it (see :mod:`.job`).
+
+    Under ``torchrun`` every rank draws the whole meta-batch from the same generator and
+    computes the meta-gradient of its contiguous shard (:mod:`bilevel.distributed`); the step,
+    the checkpoint and the metrics are those of the one-process run, whatever the number of
+    processes, so a run may resume on another. With ``config.exact`` they agree bitwise: each
+    task is computed alone and the per-task meta-gradients are averaged in global task order
+    (:func:`combine_in_order`).
+    """
+
+    def __init__(self, config: Config, run: Run, *, baseline: bool = False,
+                 omniglot_images: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        config = config.resolved()
+        ctx = run.ctx
+        if config.meta_batch < ctx.world_size:
+            raise ValueError(f"--meta-batch {config.meta_batch} is smaller than the {ctx.world_size} processes: "
+                             "every process needs a task; raise --meta-batch or start fewer processes")
+        self.config, self.run, self.ctx, self.device = config, run, ctx, run.device
+        self.with_baseline = baseline and config.baseline == "maml"
+        exp = build(config, omniglot_images)
+        if config.exact:  # every vmap holds one task: its values do not depend on the batch around it
+            exp = dataclasses.replace(exp, chunk_size=1)
+        self.exp = exp
+        self.theta = {k: v.to(self.device) for k, v in exp.init.items()}
+        self.optimizer = torch.optim.Adam(list(self.theta.values()), lr=config.meta_lr, eps=config.adam_eps)
+        self.rng = np.random.default_rng(config.seed)
+        self.window = _Window(getattr(exp.solver, "rtol", None))
+        self.monitor = Monitor(spike_factor=config.spike_factor)
+        self.taken = 0
+
+        def compute(theta: Params, tasks) -> MetaGradient:
+            return meta_gradient(exp.problem, theta, tasks, mode=config.mode, solver=exp.solver,
+                                 chunk_size=exp.chunk_size)
+
+        self.compute = CUDAGraphed(compute) if config.cuda_graph else compute
+
+    def step(self, index: int) -> None:
+        config, ctx = self.config, self.ctx
+        tasks = ctx.take(self.exp.train_tasks.sample(self.rng, config.meta_batch, self.device), config.meta_batch)
+        if config.exact:
+            parts = [self.compute(self.theta, tasks.index(slice(i, i + 1))) for i in range(tasks.query_y.shape[0])]
+            mg = combine_in_order(ctx, parts, config.meta_batch)
+        else:
+            mg = combine(ctx, self.compute(self.theta, tasks), config.meta_batch)
+        for k, p in self.theta.items():
+            p.grad = mg.grad[k]
+        for group in self.optimizer.param_groups:
+            group["lr"] = meta_lr(config, index)
+        self.optimizer.step()
+        self.window.add(mg)
+        self.taken = index + 1
+
+    def record(self, step: int, last: bool, seconds: float) -> dict[str, Any]:
+        config = self.config
+        entries, losses = self.window.flush()
+        record = {**entries, "seconds": seconds}
+        if self.ctx.is_main:
+            alerts = self.monitor.check(step - len(losses) + 1, losses, {"step": step, **record})
+            if alerts:
+                record["warnings"] = alerts
+        if step % config.eval_every == 0 or last:
+            record["eval"] = evaluate(self.exp, self.theta, config.eval_tasks, config.meta_batch, self.device,
+                                      config.seed, ctx=self.ctx)
+        return record
+
+    def postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        return _postfix(record)
+
+    def replicas(self) -> Params:
+        return self.theta
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values and CPU tensors only: the checkpoint is read with ``weights_only``."""
+        return {"theta": {k: v.cpu() for k, v in self.theta.items()}, "optimizer": self.optimizer.state_dict(),
+                "rng": self.rng.bit_generator.state, "taken": self.taken, "window": self.window.state_dict(),
+                "monitor": {"losses": list(self.monitor.losses), "failing_windows": self.monitor.failing_windows}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state["theta"].items():
+            self.theta[k].copy_(v)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.bit_generator.state = state["rng"]
+        self.taken = state["taken"]
+        self.window.load_state_dict(state["window"], self.device)
+        self.monitor.losses.extend(state["monitor"]["losses"])
+        self.monitor.failing_windows = state["monitor"]["failing_windows"]
+
+    def evaluate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """The held-out evaluation (and the official 20-way runs where they apply), the solver
+        outcomes of the logged ``records``, and the MAML baseline when the job runs one."""
+        config, exp, ctx = self.config, self.exp, self.ctx
+        test = evaluate(exp, self.theta, config.final_tasks, config.meta_batch, self.device, config.seed, ctx=ctx)
+        final: dict[str, Any] = {"config": config.to_dict(), "meta_steps": self.taken, "test": test}
+        if ctx.is_main:
+            final["solver_outcomes"] = summarize(records)
+            final["test"]["protocol"] = protocol(config)
+            if exp.classification and config.ways == 20 and config.shots == 1 and config.split == "official-runs":
+                from bilevel.problems.imaml.evaluation import official_runs_accuracy
+
+                final["official_runs"] = official_runs_accuracy(exp.eval_problem, self.theta, config.data_dir,
+                                                                self.device, chunk_size=exp.chunk_size)
+        if self.with_baseline:
+            from bilevel.problems.imaml.job import run_baseline
+
+            final["baseline"] = run_baseline(config, self.taken, self.run)
+        return final
+
+    def finish(self, out: Path, final: dict[str, Any], records: list[dict[str, Any]]) -> None:
+        from bilevel.problems.imaml import plots
+        from bilevel.problems.imaml.job import method_name
+
+        config, exp = self.config, self.exp
+        baseline = None
+        if "baseline" in final:
+            baseline = (Path(final["baseline"]["out_dir"]) / METRICS, "MAML baseline")
+        plots.learning_curves(out / METRICS, out / "learning_curves.png", classification=exp.classification,
+                              label=method_name(config) if baseline else None, baseline=baseline)
+        if not exp.classification:
+            plots.sinusoid_fits(exp.eval_problem, self.theta, exp.test_tasks, out / "sinusoid_fits.png",
+                                seed=config.seed)
+
+    def report(self, final: dict[str, Any]) -> list[str]:
+        from bilevel.problems.imaml.job import report
+
+        return report(final, self.config).split("\n")
+
+
+def command(*, baseline: bool = False, omniglot_images: tuple[np.ndarray, np.ndarray] | None = None) -> Command:
+    """``bilevel imaml`` for the run loop: meta-training alone, or with ``baseline`` the job (the
+    MAML baseline beside the run when the config asks for it)."""
+    return Command("imaml", lambda config, run: IMAMLRun(config, run, baseline=baseline,
+                                                         omniglot_images=omniglot_images),
+                   frozenset(RESUMABLE), files=PLOTS)
+
+
 def train(config: Config, *, resume: bool | str = False, overwrite: bool = False,
           omniglot_images: tuple[np.ndarray, np.ndarray] | None = None,
           ctx: distributed.Context | None = None) -> dict[str, Any]:
@@ -217,107 +329,9 @@ def train(config: Config, *, resume: bool | str = False, overwrite: bool = False
     ``config.out_dir``. ``resume``: ``True`` (or ``"latest"``) continues from the
     checkpoint there, ``"previous"`` from the previous one kept beside it; a folder
     holding a run is refused (``FileExistsError``) unless resumed or ``overwrite``.
-
-    Under ``torchrun`` (or with ``ctx``) every rank draws the whole meta-batch from
-    the same generator and computes the meta-gradient of its contiguous shard
-    (:mod:`bilevel.distributed`); the step, the checkpoint and the metrics are those
-    of the one-process run, whatever the number of processes, so a run may resume
-    on another. Rank 0 alone writes files. With ``config.exact`` they agree bitwise:
-    each task is computed alone and the per-task meta-gradients are averaged in
-    global task order (:func:`combine_in_order`).
     """
-    config = config.resolved()
-    ctx = ctx or distributed.init(config.device)
-    if config.meta_batch < ctx.world_size:
-        raise ValueError(f"--meta-batch {config.meta_batch} is smaller than the {ctx.world_size} processes: "
-                         "every process needs a task; raise --meta-batch or start fewer processes")
-    if ctx.is_main:
-        prepare_output(config.out_dir, RUN_FILES, resume=bool(resume), overwrite=overwrite)
-    ctx.barrier()
-    out = Path(config.out_dir)
-    device = ctx.device if ctx.distributed else torch.device(config.device)
-    exp = build(config, omniglot_images)
-    if config.exact:  # every vmap holds one task: its values do not depend on the batch around it
-        exp = dataclasses.replace(exp, chunk_size=1)
-    theta = {k: v.to(device) for k, v in exp.init.items()}
-    optimizer = torch.optim.Adam(list(theta.values()), lr=config.meta_lr, eps=config.adam_eps)
-    rng = np.random.default_rng(config.seed)
-    step, elapsed = 0, 0.0
-    metrics_path = out / METRICS
-    if resume:
-        saved = load_checkpoint(out, resume)
-        _check_compatible(saved["config"], config)
-        for k, v in saved["theta"].items():
-            theta[k].copy_(v)
-        optimizer.load_state_dict(saved["optimizer"])
-        rng.bit_generator.state = saved["rng"]
-        step = saved["step"]
-        elapsed = saved.get("seconds", 0.0)  # checkpoints written before it was saved start the clock at 0
-        if ctx.is_main:
-            _truncate_metrics(metrics_path, step)
-    elif ctx.is_main:
-        _save(out, config, 0, rng, 0.0, theta, optimizer)
-        metrics_path.write_text("")
-    ctx.barrier()
-
-    from tqdm import tqdm
-
-    def compute(theta: Params, tasks) -> MetaGradient:
-        return meta_gradient(exp.problem, theta, tasks, mode=config.mode, solver=exp.solver,
-                             chunk_size=exp.chunk_size)
-
-    if config.cuda_graph:
-        compute = CUDAGraphed(compute)
-    bar = tqdm(total=config.steps, initial=step, disable=not (config.progress and ctx.is_main),
-               desc=f"imaml {config.dataset}")
-    window, resumed_at = _Window(getattr(exp.solver, "rtol", None)), time.perf_counter()
-    monitor = Monitor(spike_factor=config.spike_factor)
-    monitor.replay(read_records(metrics_path))
-    started = resumed_at - elapsed  # "seconds" in the metrics counts the training time of every run so far
-    deadline = resumed_at + 60 * config.max_minutes if config.max_minutes else math.inf
-    with (metrics_path.open("a") if ctx.is_main else contextlib.nullcontext()) as log:
-        while step < config.steps:
-            tasks = ctx.take(exp.train_tasks.sample(rng, config.meta_batch, device), config.meta_batch)
-            if config.exact:
-                parts = [compute(theta, tasks.index(slice(i, i + 1))) for i in range(tasks.query_y.shape[0])]
-                mg = combine_in_order(ctx, parts, config.meta_batch)
-            else:
-                mg = combine(ctx, compute(theta, tasks), config.meta_batch)
-            for k, p in theta.items():
-                p.grad = mg.grad[k]
-            for group in optimizer.param_groups:
-                group["lr"] = meta_lr(config, step)
-            optimizer.step()
-            window.add(mg)
-            step += 1
-            bar.update(1)
-            last = step == config.steps
-            if step % config.log_every == 0 or last:
-                last = last or time.perf_counter() >= deadline
-                entries, losses = window.flush()
-                record = {"step": step, **entries, "seconds": time.perf_counter() - started}
-                if ctx.distributed:  # the same decision to stop on every rank: rank 0's clock
-                    last = bool(ctx.sum(torch.tensor([float(last and ctx.is_main)], device=device)))
-                if ctx.is_main:
-                    alerts = monitor.check(step - len(losses) + 1, losses, record)
-                    if alerts:
-                        record["warnings"] = alerts
-                if step % config.eval_every == 0 or last:
-                    record["eval"] = evaluate(exp, theta, config.eval_tasks, config.meta_batch, device, config.seed,
-                                              ctx=ctx)
-                if ctx.is_main:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                bar.set_postfix(_postfix(record))
-            if step % config.checkpoint_every == 0 or last:
-                ctx.check_replicas(theta)
-                if ctx.is_main:
-                    _save(out, config, step, rng, time.perf_counter() - started, theta, optimizer)
-                ctx.barrier()
-            if last:
-                break
-    bar.close()
-    return _finish(config, exp, theta, device, out, step, ctx)
+    return run_loop(command(omniglot_images=omniglot_images), config.resolved(), resume=resume,
+                    overwrite=overwrite, ctx=ctx, report=False)
 
 
 def meta_lr(config: Config, step: int) -> float:
@@ -338,28 +352,3 @@ def _postfix(record: dict[str, Any]) -> dict[str, str]:
         ev = record["eval"]
         post["eval"] = f"{ev['acc_after']:.3f}" if "acc_after" in ev else f"{ev['loss_after']:.3f}"
     return post
-
-
-def _finish(config: Config, exp: Experiment, theta: Params, device: torch.device, out: Path,
-            step: int, ctx: distributed.Context) -> dict[str, Any]:
-    from bilevel.problems.imaml import plots
-
-    test = evaluate(exp, theta, config.final_tasks, config.meta_batch, device, config.seed, ctx=ctx)
-    if not ctx.is_main:
-        ctx.barrier()  # rank 0 writes the files
-        return {"config": config.to_dict(), "meta_steps": step, "test": test}
-    records = read_records(out / METRICS)
-    final: dict[str, Any] = {"config": config.to_dict(), "meta_steps": step, "test": test,
-                             "solver_outcomes": summarize(records)}
-    final["test"]["protocol"] = protocol(config)
-    if exp.classification and config.ways == 20 and config.shots == 1 and config.split == "official-runs":
-        from bilevel.problems.imaml.evaluation import official_runs_accuracy
-
-        final["official_runs"] = official_runs_accuracy(exp.eval_problem, theta, config.data_dir, device,
-                                                         chunk_size=exp.chunk_size)
-    write_text_atomic(out / "final.json", json.dumps(final, indent=2) + "\n")
-    plots.learning_curves(out / METRICS, out / "learning_curves.png", classification=exp.classification)
-    if not exp.classification:
-        plots.sinusoid_fits(exp.eval_problem, theta, exp.test_tasks, out / "sinusoid_fits.png", seed=config.seed)
-    ctx.barrier()
-    return final
