@@ -180,8 +180,7 @@ def test_deep_equilibrium_layer_matches_unrolled_differentiation():
 
 # --------------------------------------------------------------- solvers by name
 
-# Neumann's default step alpha=1 needs an operator scaled below 2: by name it fits only such problems.
-@pytest.mark.parametrize("name", sorted(set(solvers.SOLVERS) - {"neumann"}))
+@pytest.mark.parametrize("name", sorted(solvers.SOLVERS))
 def test_every_solver_by_name_in_implicit_root(name):
     X, y, lam = ridge_parts(3, 12, 4)
     want = torch.func.grad(lambda l: exact_ridge(l, X, y).pow(2).sum())(lam)
