@@ -101,7 +101,7 @@ def run_unit(dataset: str, shot: int, split: int, seed: int, train_tasks, test_t
     base = dict(k_shot=shot, n_query=args.n_query, meta_batch=args.meta_batch, steps=args.steps,
                 meta_lr=args.meta_lr, prox=args.prox, mu=args.mu, delta=args.delta,
                 constraint_set=args.constraint_set, newton_steps=args.newton_steps, inner_steps=args.inner_steps,
-                seed=seed, log_every=args.steps, ckpt_every=args.steps)
+                seed=seed, log_every=args.steps, checkpoint_every=args.steps)
     eval_seed = 1000 + split  # identical episodes for every method and seed of this split
     records = []
 
@@ -120,8 +120,8 @@ def run_unit(dataset: str, shot: int, split: int, seed: int, train_tasks, test_t
             t0 = time.time()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                outer = train(cfg, train_tasks, Path(tmp), progress=False,
-                              tag=f"{cfg.method}_{cfg.constraint}_c{cfg.c:g}")
+                tag = f"{cfg.method}_{cfg.constraint}_c{cfg.c:g}"
+                outer = train(cfg, train_tasks, Path(tmp) / tag, progress=False, tag=tag)
             warned["indefinite"] = sum(issubclass(w.category, IndefiniteWarning) for w in caught)
             warned["not_converged"] = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
             return outer, time.time() - t0

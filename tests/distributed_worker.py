@@ -32,7 +32,7 @@ def fair_tasks() -> list[Task]:
 
 def fair_config(method: str) -> FairConfig:
     """Meta-batch 3 (2 + 1 tasks on two ranks), 4 steps, a checkpoint every 2."""
-    return FairConfig(method=method, c=0.05, k_shot=6, n_query=6, meta_batch=3, steps=4, log_every=1, ckpt_every=2,
+    return FairConfig(method=method, c=0.05, k_shot=6, n_query=6, meta_batch=3, steps=4, log_every=1, checkpoint_every=2,
                       newton_steps=8)
 
 

@@ -123,7 +123,7 @@ def imaml(out: Path, steps: int, processes: int, *extra: str) -> None:
 def final_theta(out: Path) -> dict[str, torch.Tensor]:
     from bilevel.checkpoint import load
 
-    return load(out / "checkpoint.pt")["theta"]
+    return load(out / "checkpoint.pt")["state"]["theta"]
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -215,9 +215,10 @@ def fair_worlds(tmp_path_factory):
 def _fair_state(run: Path) -> dict:
     from bilevel.checkpoint import load
 
-    state = load(run / f"{run.name.split('-')[0]}_c0.05.pt")
+    payload = load(run / "checkpoint.pt")
+    state = payload["state"]
     return {"leaves": state["leaves"], "optimizer": state["optimizer"]["state"], "generator": state["generator"],
-            "step": state["step"], "indefinite": state["indefinite"]}
+            "step": payload["step"], "indefinite": state["indefinite"]}
 
 
 def _log(run: Path) -> list[dict]:
@@ -292,8 +293,8 @@ def test_imaml_exact_mode_is_bitwise_the_one_process_run(fair_worlds):
     from bilevel.checkpoint import load
 
     folder = fair_worlds["folder"]
-    one, two = (load(folder / world / "imaml-exact" / "checkpoint.pt") for world in ("world1", "world2"))
-    assert one["step"] == two["step"] == 4 and one["rng"] == two["rng"]
+    one, two = (load(folder / world / "imaml-exact" / "checkpoint.pt")["state"] for world in ("world1", "world2"))
+    assert one["taken"] == two["taken"] == 4 and one["rng"] == two["rng"]
     assert all(torch.equal(one["theta"][k], two["theta"][k]) for k in one["theta"])
     state_one, state_two = one["optimizer"]["state"], two["optimizer"]["state"]
     assert all(torch.equal(state_one[i][k], state_two[i][k]) for i in state_one for k in state_one[i])
@@ -311,12 +312,12 @@ def test_fair_under_torchrun_reports_once_and_ends_as_on_one_process(tmp_path, s
                            "-m", "bilevel", *args, "--out-dir", str(tmp_path / "two")],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert "on 2 processes" in done.stdout and done.stdout.count("pdfm_c0.05: accuracy") == 1  # rank 0 alone
+    # rank 0 alone prints: the run's line as it ends, and again in the closing report
+    assert "on 2 processes" in done.stdout and done.stdout.count("pdfm_c0.05: accuracy") == 2
     assert main([*args, "--out-dir", str(tmp_path / "one")]) == 0
-    one, two = (load(tmp_path / world / "pdfm_c0.05.pt")["leaves"] for world in ("one", "two"))
+    one, two = (load(tmp_path / world / "checkpoint.pt")["state"]["outers"]["pdfm_c0.05"] for world in ("one", "two"))
     assert all(_relative(x, y) <= 1e-9 for x, y in zip(one, two))
-    records = [[json.loads(line) for line in (tmp_path / world / "results.jsonl").read_text().splitlines()]
-               for world in ("one", "two")]
+    records = [json.loads((tmp_path / world / "final.json").read_text())["results"] for world in ("one", "two")]
     assert len(records[0]) == len(records[1]) == 1
     for metric, summary in records[0][0]["summary"].items():
         assert summary["mean"] == pytest.approx(records[1][0]["summary"][metric]["mean"], rel=1e-9, abs=1e-12)

@@ -22,7 +22,7 @@ def synthetic_tasks(count: int = 4) -> list[Task]:
 
 @pytest.mark.parametrize("method", ["fair", "pdfm"])
 def test_resume_continues_exactly(tmp_path, monkeypatch, method):
-    cfg = Config(method=method, c=0.01, k_shot=6, n_query=6, meta_batch=2, steps=4, ckpt_every=2, log_every=1,
+    cfg = Config(method=method, c=0.01, k_shot=6, n_query=6, meta_batch=2, steps=4, checkpoint_every=2, log_every=1,
                  inner_steps=40)
     tasks = synthetic_tasks()
     straight = train(cfg, tasks, tmp_path / "a", progress=False)
@@ -43,7 +43,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, method):
     resumed = train(cfg, tasks, tmp_path / "b", resume=True, progress=False)
     for a, b in zip(torch.utils._pytree.tree_leaves(straight), torch.utils._pytree.tree_leaves(resumed)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / f"{method}_c0.01.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
 
 
@@ -90,7 +90,7 @@ def test_indefinite_systems_are_warned_about_and_logged(tmp_path, monkeypatch):
     cfg = Config(method="fair", constraint="dp", c=0.0, k_shot=6, n_query=6, meta_batch=2, steps=2, log_every=1)
     with pytest.warns(IndefiniteWarning, match="2 of 2 tasks have an indefinite"):
         train(cfg, synthetic_tasks(), tmp_path, progress=False)
-    records = [json.loads(line) for line in (tmp_path / "fair_c0.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["indefinite_total"] for r in records] == [2, 4] and records[-1]["min_curvature"] == -1.0
 
 
@@ -99,7 +99,7 @@ def test_cli_writes_results_and_the_tradeoff_plot(tmp_path, shared_data, capsys)
     code = main(["fair", "--dataset", "lsac", "--data-dir", str(shared_data), "--steps", "2", "--meta-batch", "2",
                  "--c", "0.05", "--episodes", "2", "--inner-steps", "30", "--no-progress", "--out-dir", str(out)])
     assert code == 0
-    runs = [json.loads(line)["run"] for line in (out / "results.jsonl").read_text().splitlines()]
+    runs = [record["run"] for record in json.loads((out / "final.json").read_text())["results"]]
     assert runs == ["fair_c0.05", "imaml", "maml", "pdfm_c0.05"]
     png = (out / "tradeoff.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -108,7 +108,7 @@ def test_cli_writes_results_and_the_tradeoff_plot(tmp_path, shared_data, capsys)
     assert main(["fair", "--dataset", "lsac", "--data-dir", str(shared_data), "--steps", "2", "--c", "0.05",
                  "--meta-batch", "2", "--episodes", "2", "--no-progress", "--out", str(out), "--resume"]) == 0
     assert "--out is deprecated; use --out-dir" in capsys.readouterr().err
-    assert len((out / "results.jsonl").read_text().splitlines()) == 4
+    assert len(json.loads((out / "final.json").read_text())["results"]) == 4
 
 
 def test_constraint_set_reaches_both_constrained_methods_and_the_cli(tmp_path, shared_data):
@@ -121,7 +121,7 @@ def test_constraint_set_reaches_both_constrained_methods_and_the_cli(tmp_path, s
     assert main(["fair", "--dataset", "communities", "--data-dir", str(shared_data), "--methods", "fair",
                  "--constraint-set", "task", "--steps", "1", "--meta-batch", "2", "--c", "0.0", "--episodes", "2",
                  "--inner-steps", "20", "--no-progress", "--out-dir", str(out)]) == 0
-    config = checkpoint.load(out / "fair_c0.pt")["config"]
+    config = checkpoint.load(out / "checkpoint.pt")["config"]
     assert config["constraint_set"] == "task"
 
 

@@ -61,7 +61,9 @@ LOCATION = ("out_dir", "progress")
 class Instance(Protocol):
     """What a command implements; :func:`run` drives it.
 
-    Optional methods, used when present: ``start() -> dict | None`` (the record logged at
+    Optional attributes, read when present: ``total_steps`` (the run's steps, when they are not
+    the config's ``steps``) and ``log_every`` (when not the config's). Optional methods, used
+    when present: ``start() -> dict | None`` (the record logged at
     step 0 of a new run), ``replicas() -> list[Tensor]`` (what must be bitwise equal on
     every rank, checked at each checkpoint), ``finish(out, final, records)`` (rank 0, after
     ``final.json``: plots) and ``postfix(record) -> dict`` (the progress bar's figures).
@@ -70,9 +72,9 @@ class Instance(Protocol):
     def step(self, index: int) -> None:
         """Take step ``index`` (counted from 0)."""
 
-    def record(self, step: int, last: bool, seconds: float) -> dict[str, Any]:
+    def record(self, step: int, last: bool, seconds: float) -> dict[str, Any] | None:
         """The metrics logged after ``step`` steps (``last``: the run's last step; ``seconds``:
-        its training time so far)."""
+        its training time so far); ``None``: nothing to log at this step."""
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the later steps depend on: tensors and plain values only (read back with
@@ -194,8 +196,8 @@ def run(command: Command, config: Any, *, out_dir: str | Path | None = None, res
 def _loop(command: Command, config: Any, place: Run, payload: dict | None, report: bool) -> dict[str, Any]:
     out, ctx = place.out, place.ctx
     instance = command.build(config, place)
-    steps = config.steps
-    log_every = getattr(config, "log_every", 1) or 1
+    steps = getattr(instance, "total_steps", None) or config.steps
+    log_every = getattr(instance, "log_every", None) or getattr(config, "log_every", 1) or 1
     checkpoint_every = getattr(config, "checkpoint_every", None) or steps
     metrics = out / METRICS
 
@@ -248,8 +250,9 @@ def _loop(command: Command, config: Any, place: Run, payload: dict | None, repor
                 signalled, late = _agree(ctx, [stop.requested(), ctx.is_main and at_log
                                                and time.perf_counter() >= deadline])
                 last = step == steps or late
-                if at_log or last:
-                    record = {"step": step, **instance.record(step, last, seconds)}
+                entries = instance.record(step, last, seconds) if at_log or last else None
+                if entries is not None:
+                    record = {"step": step, **entries}
                     if ctx.is_main:
                         records.append(record)
                         with open(metrics, "a") as log:

@@ -7,11 +7,11 @@ hypergradient, one Adam step. PDFM's ``lambda0`` instead takes its projected
 meta dual step. For the fair method, the curvature of every task's saddle point
 (:meth:`~bilevel.problems.fair.problem.FairMetaProblem.curvature`) is checked at
 each step: tasks whose system is indefinite are counted, logged and warned about
-(:class:`~bilevel.problems.fair.problem.IndefiniteWarning`), never hidden. Metrics go to a JSON-lines file; checkpoints are written every
-``ckpt_every`` steps by :func:`bilevel.checkpoint.save` (atomic, with a digest
-checked on load, the previous one kept as ``<run>.prev.pt``) and ``resume``
-continues exactly (the parameters, Adam's state and the episode sampler's state
-are restored).
+(:class:`~bilevel.problems.fair.problem.IndefiniteWarning`), never hidden.
+:class:`FairTrainer` holds one method's training; the run loop
+(:mod:`bilevel.runner.loop`) logs, checkpoints and resumes it exactly (the
+parameters, Adam's state and the episode sampler's state are restored), alone
+(:func:`train`) or as a run of a comparison (:mod:`.comparison`).
 
 Under ``torchrun`` (:mod:`bilevel.distributed`) every rank draws the whole
 meta-batch from the same generator and computes its contiguous shard of the
@@ -27,8 +27,6 @@ meta-gradients in task order: bitwise the same run on any number of processes.
 
 from __future__ import annotations
 
-import json
-import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,9 +36,8 @@ import torch
 
 import bilevel
 from bilevel import BilevelProblem, distributed
-from bilevel.checkpoint import file_patterns, load_for_resume, previous_path
-from bilevel.checkpoint import save as save_checkpoint
-from bilevel.runs import output_patterns, prepare_output, read_records, write_records
+from bilevel.runner import Command, Run
+from bilevel.runner import run as run_loop
 from bilevel.solvers import CG, GMRES, MINRES, Direct
 
 from .baselines import (GradientStepProblem, PDFMProblem, ProxLogisticProblem, dbc_bound, pdfm_dual_step,
@@ -50,23 +47,38 @@ from .metrics import METRICS, accuracy, mean_ci, task_metrics
 from .model import init_params, score
 from .problem import FairMetaProblem, IndefiniteWarning
 
-__all__ = ["METHODS", "Config", "Method", "build_method", "initial_outer", "train", "evaluate", "run_patterns"]
+__all__ = ["METHODS", "Config", "FairRun", "FairTrainer", "Method", "build_method", "initial_outer", "make_solver",
+           "train", "evaluate"]
 
 METHODS = ("fair", "imaml", "maml", "pdfm")
-SOLVERS = {"minres": lambda: MINRES(rtol=1e-8, maxiter=50), "gmres": lambda: GMRES(rtol=1e-8, maxiter=50),
-           "direct": Direct, "cg": CG}
+SOLVERS = {"minres": MINRES, "gmres": GMRES, "direct": Direct, "cg": CG}
+"""The fair method's adjoint solvers; MINRES and GMRES default to 50 iterations to ``rtol = 1e-8``."""
+
+
+def make_solver(cfg: "Config") -> Any:
+    """The fair method's adjoint solver ``cfg.solver`` with ``cfg.solver_maxiter`` and ``cfg.solver_rtol``."""
+    if cfg.solver not in SOLVERS:
+        raise ValueError(f"unknown solver {cfg.solver!r}; choose one of {sorted(SOLVERS)}")
+    cls = SOLVERS[cfg.solver]
+    options = {"rtol": 1e-8, "maxiter": 50} if cfg.solver in ("minres", "gmres") else {}
+    if cfg.solver_rtol is not None:
+        options["rtol"] = cfg.solver_rtol
+    if cfg.solver_maxiter is not None and cfg.solver != "direct":
+        options["maxiter"] = cfg.solver_maxiter
+    return cls(**options)
 
 
 @dataclass
 class Config:
-    """Everything a run depends on (saved in its checkpoint)."""
+    """Everything one method's run depends on (saved in its checkpoint); the defaults are those of the
+    command (:class:`~bilevel.problems.fair.config.FairConfig`)."""
 
     method: str = "fair"
     c: float = 0.1
     k_shot: int = 10
     n_query: int = 10
     meta_batch: int = 8
-    steps: int = 200
+    steps: int = 100
     meta_lr: float = 0.01
     prox: float = 1.0
     mu: float = 1.0
@@ -76,9 +88,11 @@ class Config:
     constraint_set: str = "support"
     constraint: str = "dbc"
     sharpness: float = 1.0
-    inner_steps: int = 100
+    inner_steps: int = 150
     newton_steps: int = 30
     solver: str = "minres"
+    solver_maxiter: int | None = None
+    solver_rtol: float | None = None
     maml_lr: float = 0.1
     maml_steps: int = 5
     pdfm_dual_lr: float = 0.5
@@ -87,7 +101,7 @@ class Config:
     lambda0: float = 1.0
     seed: int = 0
     log_every: int = 10
-    ckpt_every: int = 50
+    checkpoint_every: int = 50
 
 
 @dataclass(frozen=True)
@@ -110,9 +124,7 @@ def build_method(cfg: Config) -> Method:
         problem = FairMetaProblem(cfg.c, prox=cfg.prox, mu=cfg.mu, delta=cfg.delta, barrier=cfg.barrier,
                                   outer_fair_weight=cfg.outer_fair_weight, constraint_set=cfg.constraint_set,
                                   constraint=cfg.constraint, sharpness=cfg.sharpness, inner_steps=cfg.newton_steps)
-        if cfg.solver not in SOLVERS:
-            raise ValueError(f"unknown solver {cfg.solver!r}; choose one of {sorted(SOLVERS)}")
-        return Method(problem, "implicit", SOLVERS[cfg.solver]())
+        return Method(problem, "implicit", make_solver(cfg))
     if cfg.method == "imaml":
         return Method(ProxLogisticProblem(cfg.prox, inner_steps=cfg.inner_steps), "implicit", CG(rtol=1e-8, maxiter=50))
     if cfg.method == "maml":
@@ -183,127 +195,158 @@ def _detached(tree: Any) -> Any:
     return bilevel.pytree.tree_map(torch.Tensor.detach, tree)
 
 
-def run_patterns(tag: str) -> tuple[str, ...]:
-    """Glob patterns of the files that the run ``tag`` writes: its checkpoints and its log."""
-    return (*file_patterns(f"{tag}.pt"), *output_patterns(f"{tag}.jsonl"))
+class FairTrainer:
+    """One method's meta-training: its outer parameters, Adam, the episode sampler, and the step.
 
-
-def _log(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def train(cfg: Config, tasks: list[Task], out: Path, *, resume: bool | str = False, progress: bool = True,
-          tag: str | None = None, ctx: distributed.Context | None = None, exact: bool = False) -> dict:
-    """Meta-train ``cfg.method`` on ``tasks``; returns the outer parameters.
-
-    Writes ``out/<tag>.jsonl`` (one record every ``log_every`` steps) and the
-    checkpoint ``out/<tag>.pt``; with ``resume`` an existing checkpoint is
-    continued exactly (``resume="previous"``: the previous one kept beside it)
-    and log records after it are dropped; without, existing files of the run
-    ``tag`` are refused (``FileExistsError``). Runs on the device of the tasks'
-    tensors (see :func:`~bilevel.problems.fair.data.to_device`).
-
-    Under ``torchrun`` (or with ``ctx``) each rank computes its shard of every
-    meta-batch and rank 0 alone writes; the run is the one-process run's to
-    round-off, and bitwise with ``exact`` (each task computed alone, the per-task
-    meta-gradients averaged in global task order), whatever the number of processes.
+    Under ``torchrun`` (``ctx``) each rank computes its shard of every meta-batch; the run is
+    the one-process run's to round-off, and bitwise with ``exact`` (each task computed alone,
+    the per-task meta-gradients averaged in global task order), whatever the number of processes.
     """
-    device = tasks[0].x.device
-    ctx = ctx or distributed.init(device)
-    if cfg.meta_batch < ctx.world_size:
-        raise ValueError(f"--meta-batch {cfg.meta_batch} is smaller than the {ctx.world_size} processes: "
-                         "every process needs a task; raise --meta-batch or start fewer processes")
-    tag = tag or f"{cfg.method}_c{cfg.c:g}"
-    if ctx.is_main:
-        prepare_output(out, run_patterns(tag), resume=bool(resume), overwrite=False)
-    ctx.barrier()
-    log_path, ckpt_path = out / f"{tag}.jsonl", out / f"{tag}.pt"
-    method = build_method(cfg)
-    outer = initial_outer(tasks[0].x.shape[1], cfg, device)
-    leaves = _leaves(outer)
-    for t in leaves:
-        t.requires_grad_(True)
-    trained = leaves if cfg.method != "pdfm" else leaves[:2]
-    optimizer = torch.optim.Adam(trained, lr=cfg.meta_lr)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    start, indefinite = 0, 0
-    if resume and (ckpt_path.exists() or previous_path(ckpt_path).exists()):
-        state = load_for_resume(ckpt_path, resume, map_location=device)
-        if {**state["config"], "ckpt_every": cfg.ckpt_every} != asdict(cfg):  # only ckpt_every may change
-            raise ValueError(f"{ckpt_path} was written with a different configuration; remove it or "
-                             "rerun without --resume")
-        with torch.no_grad():
-            for t, v in zip(leaves, state["leaves"]):
-                t.copy_(v)
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        start, indefinite = state["step"], state.get("indefinite", 0)
-        if ctx.is_main:
-            write_records(log_path, read_records(log_path, upto=start))
-    elif log_path.exists() and ctx.is_main:
-        log_path.unlink()
-    ctx.barrier()
 
-    from tqdm import tqdm
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=tag,
-               disable=not (progress and ctx.is_main))
-    chunk = 1 if exact else None  # exact: one task per vmap call, whatever the tasks beside it
-    t0 = time.time()
-    for step in bar:
-        batch = sample_episodes(tasks, cfg.meta_batch, cfg.k_shot, cfg.n_query, generator)
+    def __init__(self, cfg: Config, tasks: list[Task], ctx: distributed.Context, *, exact: bool = False,
+                 tag: str | None = None) -> None:
+        if cfg.meta_batch < ctx.world_size:
+            raise ValueError(f"--meta-batch {cfg.meta_batch} is smaller than the {ctx.world_size} processes: "
+                             "every process needs a task; raise --meta-batch or start fewer processes")
+        self.cfg, self.tasks, self.ctx, self.exact = cfg, tasks, ctx, exact
+        self.tag = tag or f"{cfg.method}_c{cfg.c:g}"
+        self.method = build_method(cfg)
+        self.leaves = _leaves(initial_outer(tasks[0].x.shape[1], cfg, tasks[0].x.device))
+        for t in self.leaves:
+            t.requires_grad_(True)
+        self.trained = self.leaves if cfg.method != "pdfm" else self.leaves[:2]
+        self.optimizer = torch.optim.Adam(self.trained, lr=cfg.meta_lr)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.indefinite = 0
+
+    def step(self, step: int) -> dict | None:
+        """Meta-step ``step`` (from 0); the log record when it is a log step (``None`` otherwise)."""
+        cfg, ctx, leaves = self.cfg, self.ctx, self.leaves
+        chunk = 1 if self.exact else None  # exact: one task per vmap call, whatever the tasks beside it
+        batch = sample_episodes(self.tasks, cfg.meta_batch, cfg.k_shot, cfg.n_query, self.generator)
         mine = ctx.take(batch, cfg.meta_batch)
         params = {"theta": {"w": leaves[0], "b": leaves[1]}, "lambda0": leaves[2]}
         detached = {k: _detached(v) for k, v in params.items()}
         if cfg.method in ("imaml", "maml"):  # they ignore lambda0; it is not passed, and its gradient is 0
             detached = {"theta": detached["theta"]}
-        result = meta_step(method, detached, mine, chunk)
+        result = meta_step(self.method, detached, mine, chunk)
         logging = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
-        per_task = _per_task(cfg, method, detached, mine, result, logging, chunk)
+        per_task = _per_task(cfg, self.method, detached, mine, result, logging, chunk)
         shared = ctx.gather(per_task, cfg.meta_batch) if per_task else {}
         grads = _trained_gradients(cfg, result.grad)
-        if exact:
+        if self.exact:
             grads = ctx.ordered_mean(grads, cfg.meta_batch)
         else:  # one all-reduce of the per-rank sums, divided by the whole meta-batch
             grads = ctx.mean_of_sums([g.sum(0) for g in grads], cfg.meta_batch)
-        if len(grads) < len(trained):
+        if len(grads) < len(self.trained):
             grads.append(torch.zeros_like(leaves[2]))
         if "curvature" in shared and (bad := int((shared["curvature"] <= 0).sum())):
-            indefinite += bad
+            self.indefinite += bad
             if ctx.is_main:
-                warnings.warn(f"{tag}, step {step + 1}: {bad} of {cfg.meta_batch} tasks have an indefinite "
+                warnings.warn(f"{self.tag}, step {step + 1}: {bad} of {cfg.meta_batch} tasks have an indefinite "
                               f"saddle-point system (smallest curvature {float(shared['curvature'].min()):.3g}); "
                               "their meta-gradients are those of a stationary point that is not a local "
                               "minimizer in w: raise --prox", IndefiniteWarning)
-        optimizer.zero_grad()
-        for t, g in zip(trained, grads):
+        self.optimizer.zero_grad()
+        for t, g in zip(self.trained, grads):
             t.grad = g
-        optimizer.step()
+        self.optimizer.step()
         if cfg.method == "pdfm":
             with torch.no_grad():
                 bound = dbc_bound(cfg.c, batch["zq"])
                 leaves[2].copy_(pdfm_dual_step(leaves[2], shared["dbc"], bound, cfg.pdfm_meta_dual_lr))
-        if logging and ctx.is_main:
-            record = {"step": step + 1, "method": cfg.method, "c": cfg.c,
-                      "outer_loss": float(shared["outer_loss"].mean()),
-                      "inner_residual": float(shared["inner_residual"].max()),
-                      "lambda0": float(leaves[2].detach()), "seconds": round(time.time() - t0, 2),
-                      "indefinite_total": indefinite}
-            if "curvature" in shared:
-                record["min_curvature"] = float(shared["curvature"].min())
-            if "iterations" in shared:
-                record["solver_iterations"] = float(shared["iterations"].float().mean())
-                record["solver_converged"] = float(shared["converged"].float().mean())
-            _log(log_path, record)
-            bar.set_postfix(loss=f"{record['outer_loss']:.3f}")
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-            ctx.check_replicas([t.detach() for t in leaves])
-            if ctx.is_main:
-                save_checkpoint({"step": step + 1, "config": asdict(cfg), "leaves": [t.detach() for t in leaves],
-                                 "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                                 "indefinite": indefinite}, ckpt_path)
-            ctx.barrier()
-    return {"theta": {"w": leaves[0].detach(), "b": leaves[1].detach()}, "lambda0": leaves[2].detach()}
+        if not logging:
+            return None
+        record = {"run": self.tag, "run_step": step + 1, "method": cfg.method, "c": cfg.c,
+                  "outer_loss": float(shared["outer_loss"].mean()),
+                  "inner_residual": float(shared["inner_residual"].max()),
+                  "lambda0": float(leaves[2].detach()), "indefinite_total": self.indefinite}
+        if "curvature" in shared:
+            record["min_curvature"] = float(shared["curvature"].min())
+        if "iterations" in shared:
+            record["solver_iterations"] = float(shared["iterations"].float().mean())
+            record["solver_converged"] = float(shared["converged"].float().mean())
+        return record
+
+    def outer(self) -> dict:
+        """The trained outer parameters."""
+        leaves = self.leaves
+        return {"theta": {"w": leaves[0].detach(), "b": leaves[1].detach()}, "lambda0": leaves[2].detach()}
+
+    def replicas(self) -> list[torch.Tensor]:
+        return [t.detach() for t in self.leaves]
+
+    def state_dict(self) -> dict:
+        return {"config": asdict(self.cfg), "leaves": [t.detach() for t in self.leaves],
+                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                "indefinite": self.indefinite}
+
+    def load_state_dict(self, state: dict) -> None:
+        if {**state["config"], "checkpoint_every": self.cfg.checkpoint_every} != asdict(self.cfg):
+            raise ValueError(f"the checkpoint of {self.tag} was written with a different configuration; start "
+                             "over with --overwrite")
+        device = self.leaves[0].device
+        with torch.no_grad():
+            for t, v in zip(self.leaves, state["leaves"]):
+                t.copy_(v.to(device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.indefinite = state.get("indefinite", 0)
+
+
+class FairRun:
+    """One method's run alone (the run loop's instance behind :func:`train`)."""
+
+    def __init__(self, cfg: Config, tasks: list[Task], run: Run, *, exact: bool = False, tag: str | None = None):
+        self.trainer = FairTrainer(cfg, tasks, run.ctx, exact=exact, tag=tag)
+        self.pending: dict | None = None
+
+    def step(self, index: int) -> None:
+        self.pending = self.trainer.step(index)
+
+    def record(self, step: int, last: bool, seconds: float) -> dict | None:
+        return None if self.pending is None else {**self.pending, "seconds": seconds}
+
+    def postfix(self, record: dict) -> dict:
+        return {"loss": f"{record['outer_loss']:.3f}"}
+
+    def replicas(self) -> list[torch.Tensor]:
+        return self.trainer.replicas()
+
+    def state_dict(self) -> dict:
+        return self.trainer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trainer.load_state_dict(state)
+
+    def evaluate(self, records: list[dict]) -> dict:
+        return {"run": self.trainer.tag, "steps": self.trainer.cfg.steps}
+
+    def report(self, final: dict) -> list[str]:
+        return [f"fair: {final['run']} meta-trained for {final['steps']} steps"]
+
+
+def train(cfg: Config, tasks: list[Task], out: Path, *, resume: bool | str = False, progress: bool = True,
+          tag: str | None = None, ctx: distributed.Context | None = None, exact: bool = False) -> dict:
+    """Meta-train ``cfg.method`` on ``tasks`` in the folder ``out``; returns the outer parameters.
+
+    The run loop (:mod:`bilevel.runner.loop`) writes ``metrics.jsonl`` (a record every
+    ``log_every`` steps), ``checkpoint.pt`` (every ``checkpoint_every`` steps) and ``final.json``;
+    with ``resume`` the checkpoint is continued exactly (``resume="previous"``: the previous
+    one kept beside it). Runs on the device of the tasks' tensors (see
+    :func:`~bilevel.problems.fair.data.to_device`); see :class:`FairTrainer` for ``ctx`` and ``exact``.
+    """
+    made: list[FairRun] = []
+
+    def build(config: Config, run: Run) -> FairRun:
+        made.append(FairRun(config, tasks, run, exact=exact, tag=tag))
+        return made[-1]
+
+    device = tasks[0].x.device
+    command = Command("fair", build, frozenset({"checkpoint_every"}))
+    run_loop(command, cfg, out_dir=out, resume=resume, progress=progress, ctx=ctx or distributed.init(device),
+             report=False)
+    return made[-1].trainer.outer()
 
 
 def evaluate(cfg: Config, outer: dict, tasks: list[Task], *, episodes: int = 20, seed: int = 1,
