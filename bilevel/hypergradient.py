@@ -32,12 +32,13 @@ from torch import Tensor
 from bilevel.adjoint import LINEARIZATIONS, AdjointOperator, Linearization, grads_and_value, linearize
 from bilevel.errors import BilevelError, BilevelWarning
 from bilevel.policy import (CallPolicy, OnFailure, caller_stacklevel, failed_systems, host_checks_deferred, host_view,
-                            inner_residual_failure, nan_where_failed, require_finite, solve_failure,
-                            validate_on_failure)
+                            inner_residual_failure, inner_solve_failure, nan_where_failed, require_finite,
+                            solve_failure, validate_on_failure)
 from bilevel.problem import BilevelProblem, checked_condition, scalar_objective
 from bilevel.pytree import (PyTree, check_devices_and_dtypes, check_parameters, check_same_structure, ravel,
                             tree_leaves, tree_map, tree_norm)
-from bilevel.solvers import LinearSolver, SolveResult, get_solver
+from bilevel.solvers import CG, LinearSolver, SolveResult, get_solver
+from bilevel.solvers.minimize import MinimizeResult, default_rtol
 from bilevel.solvers._base import IterativeSolver, poison
 from bilevel.solvers._result import register_result_pytree, result_repr
 
@@ -59,6 +60,12 @@ class HypergradientResult:
         inner_residual: ``||G(phi*, theta)||``, how far ``phi*`` is from a root
             (``None`` for a problem that defines no optimality condition).
         solve: diagnostics of the adjoint linear solve (``"implicit"`` mode), else ``None``.
+        inner_solve: the inner minimizer's report (status, iterations, gradient norm,
+            objective) when the problem's default ``solve_inner`` ran one
+            (:meth:`BilevelProblem.inner_minimizer`), else ``None``.
+        adjoint_rhs: ``d_phi f`` at ``phi*`` as one flat vector, the right-hand side ``b`` of the
+            adjoint system (``"implicit"`` mode), else ``None``: with ``solve`` it gives the
+            relative residual ``solve.residual_norm / ||b||`` at no extra cost.
     """
 
     grad: PyTree
@@ -66,6 +73,8 @@ class HypergradientResult:
     outer_loss: Tensor
     inner_residual: Tensor | None = None
     solve: SolveResult | None = None
+    inner_solve: MinimizeResult | None = None
+    adjoint_rhs: Tensor | None = None
 
     __repr__ = result_repr
 
@@ -91,8 +100,9 @@ def hypergradient(
         data: anything the problem's methods take as ``data`` (batched under vmap).
         solver: a :mod:`bilevel.solvers` solver instance or its name (``"cg"``,
             ``"minres"``, ``"gmres"``, ...; see :data:`bilevel.solvers.SOLVERS`) for the
-            adjoint system (``"implicit"`` mode); default ``CG()``, right for minimization
-            inner problems (symmetric positive definite Hessian). Use ``MINRES()`` for
+            adjoint system (``"implicit"`` mode); default ``CG(rtol=default_rtol(dtype))``
+            (1.6e-10 in float64, 4.9e-5 in float32: the inner solve's default tolerance too),
+            right for minimization inner problems (symmetric positive definite Hessian). Use ``MINRES()`` for
             saddle points, ``GMRES()`` for general roots, ``Direct()`` for ground truth.
         mode: ``"implicit"``, ``"unrolled"``, ``"truncated"`` or ``"first_order"``.
         init: inner starting point; default ``problem.initial_inner(outer, data)``. A
@@ -149,6 +159,8 @@ def hypergradient(
 
     d_inner = None
     if mode == "implicit":
+        if solver is None:
+            solver = CG(rtol=default_rtol(_dtype_of(outer)))
         result = _implicit(problem, outer, data, init, get_solver(solver), adjoint_x0, linearization)
     elif mode == "first_order":
         result, d_inner = _first_order(problem, outer, data, init)
@@ -183,16 +195,23 @@ def check_result(result: HypergradientResult, *, on_failure: OnFailure = "warn",
         if on_failure == "ignore" or failed is None:
             return result
         return dataclasses.replace(result, grad=nan_where_failed(result.grad, failed))
-    require_finite(seen.inner, "the inner solution phi*",
+    inner_message = None if seen.inner_solve is None else inner_solve_failure(seen.inner_solve)
+    require_finite(seen.inner, "the inner solution phi*", inner_message or
                    "the inner solver diverged, or the inner data holds NaN/Inf: check the training data, "
                    "lower inner_lr or check the inner objective")
-    require_finite(seen.outer_loss, "the outer loss f(phi*, theta)",
+    require_finite(seen.outer_loss, "the outer loss f(phi*, theta)", inner_message or
                    "the outer objective or its data (e.g. the validation set) holds NaN/Inf")
     solve_message = None if seen.solve is None else solve_failure(seen.solve)
     require_finite(seen.grad, "the hypergradient",
                    "the outer objective or the optimality condition produced NaN/Inf at phi*")
-    CallPolicy(on_failure).report(solve_message, inner_residual_failure(seen.inner_residual, residual_tol))
+    CallPolicy(on_failure).report(inner_message, solve_message,
+                                  inner_residual_failure(seen.inner_residual, residual_tol, seen.inner_solve))
     return result
+
+
+def _dtype_of(outer: PyTree) -> torch.dtype:
+    leaves = [t for t in tree_leaves(outer) if isinstance(t, Tensor) and t.is_floating_point()]
+    return leaves[0].dtype if leaves else torch.get_default_dtype()
 
 
 def _initial(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | None) -> PyTree:
@@ -221,24 +240,29 @@ def _outer_value_and_grads(problem: BilevelProblem, inner: PyTree, outer: PyTree
     return loss, d_inner, d_outer
 
 
-def _solve_detached(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | None) -> PyTree:
+def _solve_detached(problem: BilevelProblem, outer: PyTree, data: Any,
+                    init: PyTree | None) -> tuple[PyTree, MinimizeResult | None]:
+    """``phi*`` (detached), and the inner minimizer's report where the default ``solve_inner`` ran one."""
+    report = None
     with torch.no_grad():
         outer_d = tree_map(torch.Tensor.detach, outer)
         start = _initial(problem, outer_d, data, init)
         start = None if start is None else tree_map(torch.Tensor.detach, start)
-        inner = problem.solve_inner(outer_d, data, start)
+        if not problem.overrides_solve_inner:
+            report = problem.inner_solve(outer_d, data, start)
+        inner = report.x if report is not None else problem.solve_inner(outer_d, data, start)
         name = f"{type(problem).__name__}.solve_inner's result"
         check_parameters(inner, name)
         if start is not None:
             check_same_structure(start, inner, name, "the initialization")
         check_devices_and_dtypes(outer=outer, **{name: inner})
-    return tree_map(torch.Tensor.detach, inner)
+    return tree_map(torch.Tensor.detach, inner), report
 
 
 def _implicit(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | None,
               solver: LinearSolver, adjoint_x0: Tensor | None,
               linearization: Linearization) -> HypergradientResult:
-    inner = _solve_detached(problem, outer, data, init)
+    inner, report = _solve_detached(problem, outer, data, init)
     residual, vjp_fn = linearize(checked_condition(problem, data), inner, outer, data, linearization)
     loss, d_inner, d_outer = _outer_value_and_grads(problem, inner, outer, data)
 
@@ -251,13 +275,14 @@ def _implicit(problem: BilevelProblem, outer: PyTree, data: Any, init: PyTree | 
     solve = solver(adjoint_matvec, b, adjoint_x0)
     (cross,) = adjoint_matvec.cross(solve.x)
     grad = tree_map(lambda direct, indirect: poison(direct - indirect, solve.status), d_outer, cross)
-    return HypergradientResult(grad, inner, loss.detach(), tree_norm(residual).detach(), solve)
+    return HypergradientResult(grad, inner, loss.detach(), tree_norm(residual).detach(), solve,
+                               adjoint_rhs=b.detach(), inner_solve=report)
 
 
 def _first_order(problem: BilevelProblem, outer: PyTree, data: Any,
                  init: PyTree | None) -> tuple[HypergradientResult, PyTree]:
     """The first-order result, and ``d_phi f`` at ``phi*`` (for the dropped-path warning)."""
-    inner = _solve_detached(problem, outer, data, init)
+    inner, report = _solve_detached(problem, outer, data, init)
     loss, d_inner, d_outer = _outer_value_and_grads(problem, inner, outer, data)
     if not host_checks_deferred(d_inner):  # dropped below when the start does not depend on theta
         require_finite(d_inner, "the outer gradient d_phi f at phi*",
@@ -266,7 +291,8 @@ def _first_order(problem: BilevelProblem, outer: PyTree, data: Any,
         _, init_vjp = torch.func.vjp(lambda o: problem.initial_inner(o, data), outer)
         (through_init,) = init_vjp(d_inner)
         d_outer = tree_map(torch.add, d_outer, through_init)
-    return HypergradientResult(d_outer, inner, loss.detach(), _residual(problem, inner, outer, data)), d_inner
+    residual = _residual(problem, inner, outer, data)
+    return HypergradientResult(d_outer, inner, loss.detach(), residual, inner_solve=report), d_inner
 
 
 def _warn_if_first_order_dropped(grad: PyTree, d_inner: PyTree) -> None:

@@ -28,6 +28,7 @@ from torch.utils import _pytree as pytree
 from bilevel.errors import BilevelError, ConvergenceError, ConvergenceWarning, NonFiniteError
 from bilevel.pytree import PyTree, tree_leaves
 from bilevel.solvers import SolveResult, Status, values_hidden
+from bilevel.solvers.minimize import MinimizeResult, MinimizeStatus
 from bilevel.solvers._base import values_unreadable
 
 OnFailure = Literal["warn", "raise", "ignore"]
@@ -74,9 +75,35 @@ def report(message: str, on_failure: OnFailure) -> None:
         warnings.warn(message, ConvergenceWarning, stacklevel=caller_stacklevel())
 
 
-def inner_residual_failure(residual: Tensor | None, residual_tol: float | None) -> str | None:
-    """What is wrong with the optimality residual ``||G(phi*, theta)||`` (readable values), or ``None``.
-    NaN or Inf raises :class:`NonFiniteError`."""
+def inner_solve_failure(report: MinimizeResult) -> str | None:
+    """What is wrong with an inner minimizer's result (readable values) that no residual tolerance
+    excuses: a problem that diverged, or ``None``. NaN or Inf in it raises :class:`NonFiniteError`
+    naming the inner solve."""
+    status = report.status
+    if bool((status == int(MinimizeStatus.NONFINITE)).any()):
+        lines = "\n  ".join(report.failures())
+        raise NonFiniteError(f"NaN or Inf in the inner solve:\n  {lines}\nthe inner objective or its gradient "
+                             "produced it at the start or along the solver's path; check the inner data (e.g. "
+                             "the training set) and the inner objective")
+    if not bool((status == int(MinimizeStatus.DIVERGED)).any()):
+        return None
+    lines = "\n  ".join(f for f in report.failures() if MinimizeStatus.DIVERGED.name in f)
+    return (f"the inner solve diverged:\n  {lines}\nits point is not a minimizer, so the hypergradient "
+            "built on it is meaningless")
+
+
+def _inner_status(report: MinimizeResult | None) -> str:
+    if report is None:
+        return ""
+    codes = sorted({int(c) for c in report.status.reshape(-1).tolist()})
+    names = "/".join(MinimizeStatus(c).name for c in codes)
+    return f"; the inner solver stopped with {names} after at most {int(report.iterations.max())} iterations"
+
+
+def inner_residual_failure(residual: Tensor | None, residual_tol: float | None,
+                           inner_solve: MinimizeResult | None = None) -> str | None:
+    """What is wrong with the optimality residual ``||G(phi*, theta)||`` (readable values), or ``None``,
+    with the inner solver's statuses when it ran one. NaN or Inf raises :class:`NonFiniteError`."""
     if residual is None:
         return None
     worst = float(residual.detach().max()) if residual.numel() else 0.0
@@ -86,10 +113,10 @@ def inner_residual_failure(residual: Tensor | None, residual_tol: float | None) 
     if residual_tol is None or worst <= residual_tol:
         return None
     return (f"inner solution is not a root of the optimality condition: ||G(phi*, theta)|| = "
-            f"{worst:.3e} > residual_tol = {residual_tol:.1e}, so the implicit hypergradient is "
-            "approximate; solve the inner problem further (more inner_steps, a smaller inner_tol, "
-            "a better inner optimizer), or set on_failure='ignore' if an approximate inner "
-            "solution is intended")
+            f"{worst:.3e} > residual_tol = {residual_tol:.1e}{_inner_status(inner_solve)}, so the implicit "
+            "hypergradient is approximate; solve the inner problem further (an inner_solver such as "
+            "'newton_cg' or 'lbfgs' with a larger maxiter, or more inner_steps and a smaller inner_tol), "
+            "or set on_failure='ignore' if an approximate inner solution is intended")
 
 
 SHOWN_FAILURES = 8

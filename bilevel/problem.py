@@ -17,8 +17,11 @@ from bilevel.adjoint import gradient
 from bilevel.errors import BilevelError
 from bilevel.policy import host_checks_deferred
 from bilevel.pytree import PyTree, check_same_structure, tree_norm
+from bilevel.solvers.minimize import GradientDescent, MinimizeResult, Minimizer, NewtonCG, get_minimizer
 
 __all__ = ["BilevelProblem", "checked_condition", "scalar_objective"]
+
+_GRADIENT_DESCENT_SETTINGS = ("inner_lr", "inner_steps", "inner_tol")
 
 
 def scalar_objective(fn: Callable[..., Tensor], name: str) -> Callable[..., Tensor]:
@@ -63,16 +66,24 @@ class BilevelProblem:
     subclass or the instance.
 
     Attributes:
-        inner_lr: step of the default inner update ``phi <- phi - inner_lr * G(phi, theta)``.
-        inner_steps: steps of the default :meth:`solve_inner` (at most) and of the
+        inner_solver: the default :meth:`solve_inner`'s minimizer of
+            :meth:`inner_objective`, a :mod:`bilevel.solvers.minimize` instance or its name
+            (``"newton_cg"``, ``"lbfgs"``, ``"armijo"``, ``"nesterov"``, ``"gd"``). ``None``
+            (default): :class:`~bilevel.solvers.minimize.NewtonCG` to its default tolerance,
+            unless the problem sets ``inner_lr``, ``inner_steps`` or ``inner_tol``, which
+            keep meaning plain gradient descent (below). See :meth:`inner_minimizer`.
+        inner_lr: step of the gradient-descent inner update ``phi <- phi - inner_lr * G(phi, theta)``.
+        inner_steps: steps of that gradient descent (at most) and of the
             ``"unrolled"``/``"truncated"`` modes (exactly).
-        inner_tol: the default :meth:`solve_inner` stops once ``||G|| <= inner_tol``
-            (checked every 10 steps, and never under ``torch.func.vmap``); ``None``
+        inner_tol: that gradient descent stops once ``||G|| <= inner_tol``; ``None``
             always runs all ``inner_steps``.
         residual_tol: :func:`bilevel.hypergradient` reports an inner solution whose
-            residual ``||G(phi*, theta)||`` exceeds it (``None`` disables the check).
+            residual ``||G(phi*, theta)||`` exceeds it, with the inner solver's status
+            (``None`` disables the check; a non-finite or diverged inner solve is
+            reported whatever it is).
     """
 
+    inner_solver: Minimizer | str | None = None
     inner_lr: float = 0.1
     inner_steps: int = 100
     inner_tol: float | None = 1e-6
@@ -140,12 +151,58 @@ class BilevelProblem:
             check_same_structure(inner, step, f"{type(self).__name__}.optimality's output", "the inner parameters")
         return pytree.tree_unflatten([p - self.inner_lr * g for p, g in zip(leaves, steps)], spec)
 
-    def solve_inner(self, outer: PyTree, data: Any, init: PyTree) -> PyTree:
-        """Approximate ``phi*``: up to ``inner_steps`` of :meth:`inner_update` from ``init``.
+    @property
+    def sets_gradient_descent(self) -> bool:
+        """Whether the subclass (or instance) sets ``inner_lr``, ``inner_steps`` or ``inner_tol``."""
+        own = [vars(self)] + [vars(c) for c in type(self).__mro__ if c is not BilevelProblem and c is not object]
+        return any(name in scope for scope in own for name in _GRADIENT_DESCENT_SETTINGS)
 
-        Called without a graph; stops early once ``||G|| <= inner_tol`` (checked
-        every 10 steps outside ``torch.func.vmap``, whichever argument it batches).
+    @property
+    def overrides_inner_update(self) -> bool:
+        return "inner_update" in vars(self) or type(self).inner_update is not BilevelProblem.inner_update
+
+    def inner_minimizer(self) -> Minimizer | None:
+        """The minimizer that the default :meth:`solve_inner` runs, or ``None`` when it iterates
+        :meth:`inner_update` instead (a problem given by its ``optimality`` alone, or with its own
+        ``inner_update``).
+
+        In order: ``inner_solver`` when set; plain gradient descent of ``inner_lr`` for at
+        most ``inner_steps`` steps, stopping at ``||G|| <= inner_tol``, when the problem sets
+        any of those three; else :class:`~bilevel.solvers.minimize.NewtonCG` with its
+        defaults, which solves to a gradient norm of ``default_rtol`` (1.6e-10 in float64)
+        relative to the start's.
         """
+        defines_objective = type(self).inner_objective is not BilevelProblem.inner_objective
+        if self.inner_solver is not None:
+            if not defines_objective:
+                raise BilevelError(f"{type(self).__name__}.inner_solver minimizes inner_objective, which "
+                                   f"{type(self).__name__} does not define; define inner_objective(inner, outer, "
+                                   "data), or leave inner_solver unset to iterate inner_update")
+            return get_minimizer(self.inner_solver)
+        if not defines_objective or self.overrides_inner_update:
+            return None
+        if self.sets_gradient_descent:
+            return GradientDescent(lr=self.inner_lr, maxiter=self.inner_steps, rtol=0.0,
+                                   atol=0.0 if self.inner_tol is None else self.inner_tol)
+        return NewtonCG()
+
+    def inner_solve(self, outer: PyTree, data: Any, init: PyTree) -> MinimizeResult | None:
+        """The default :meth:`solve_inner` with its report: the :meth:`inner_minimizer`'s
+        :class:`~bilevel.solvers.minimize.MinimizeResult` from ``init``, or ``None`` where
+        :meth:`inner_update` is iterated (no minimizer)."""
+        minimizer = self.inner_minimizer()
+        if minimizer is None:
+            return None
+        objective = scalar_objective(self.inner_objective, f"{type(self).__name__}.inner_objective")
+        return minimizer(lambda inner: objective(inner, outer, data), init)
+
+    def solve_inner(self, outer: PyTree, data: Any, init: PyTree) -> PyTree:
+        """Approximate ``phi*`` from ``init``: the :meth:`inner_minimizer`'s solution, else up to
+        ``inner_steps`` of :meth:`inner_update`, stopping once ``||G|| <= inner_tol`` (checked
+        every 10 steps outside ``torch.func.vmap``). Called without a graph."""
+        report = self.inner_solve(outer, data, init)
+        if report is not None:
+            return report.x
         inner = init
         check_early_exit = self.inner_tol is not None and not host_checks_deferred(init, outer, data)
         for step in range(1, self.inner_steps + 1):
@@ -163,3 +220,8 @@ class BilevelProblem:
             raise BilevelError(f"inner_steps must be a non-negative int, got {self.inner_steps!r}")
         if not self.inner_lr > 0:
             raise BilevelError(f"inner_lr must be positive, got {self.inner_lr!r}")
+        if self.inner_solver is not None:
+            try:
+                get_minimizer(self.inner_solver)
+            except (TypeError, ValueError) as error:
+                raise BilevelError(f"{type(self).__name__}.inner_solver: {error}") from None

@@ -59,10 +59,10 @@ def _nested(values: Any, word: Callable[[Any], str]) -> str:
     return word(values)
 
 
-def show(value: Any, status: bool = False) -> str:
+def show(value: Any, status: type[enum.IntEnum] | None = None) -> str:
     """``value`` for a ``repr``: plain numbers for a 0-d tensor, (nested) lists for a few elements,
     shape and dtype for more or for values unreadable now (vmap, CUDA-graph capture); with
-    ``status``, :class:`Status` names instead of codes. Pytrees keep their structure, and
+    ``status``, that enum's names instead of codes. Pytrees keep their structure, and
     results inside them show as their own ``repr``."""
     from ._base import values_hidden
 
@@ -74,14 +74,16 @@ def show(value: Any, status: bool = False) -> str:
             return _Shown(repr(t))
         if values_hidden(t) or t.numel() > SHOWN_VALUES:
             return _Shown(f"Tensor(shape={tuple(t.shape)}, dtype={t.dtype})")
-        return _Shown(_nested(t.detach().cpu().tolist(), lambda v: Status(v).name if status else _number(v)))
+        return _Shown(_nested(t.detach().cpu().tolist(), lambda v: status(v).name if status else _number(v)))
 
     return repr(pytree.tree_map(leaf, value, is_leaf=is_result))
 
 
 def result_repr(obj: Any) -> str:
-    """``Name(field=..., ...)`` of a result dataclass, each field by :func:`show`."""
-    fields = ", ".join(f"{f.name}={show(getattr(obj, f.name), status=f.name == 'status')}"
+    """``Name(field=..., ...)`` of a result dataclass, each field by :func:`show`; a field named
+    ``status`` by the names of the class's ``STATUS`` enum (default :class:`Status`)."""
+    codes = getattr(type(obj), "STATUS", Status)
+    fields = ", ".join(f"{f.name}={show(getattr(obj, f.name), status=codes if f.name == 'status' else None)}"
                        for f in dataclasses.fields(obj))
     return f"{type(obj).__name__}({fields})"
 

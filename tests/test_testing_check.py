@@ -112,7 +112,7 @@ def test_inner_solver_stopped_too_early_is_caught():
     assert "perturbed inner solves" not in report.comparison("finite_differences").detail  # Newton-polished
     unpolished = check(problem, newton_max_dim=0)  # the perturbed problems go to the same early stop
     assert "perturbed inner solves reached only ||G|| = " in unpolished.comparison("finite_differences").detail
-    problem.inner_steps = 200  # converged: the same solver passes
+    problem.inner_steps, problem.inner_tol = 200, 1e-10  # converged: the same solver passes
     assert check(problem).passed
     assert "perturbed" not in check(problem, newton_max_dim=0).comparison("finite_differences").detail
 
