@@ -10,9 +10,10 @@ What can be captured: a function of tensors (and pytrees of tensors) with the
 same shapes at every call and no host synchronization inside (no ``.item()``,
 ``bool(tensor)`` or Python branches on tensor values). bilevel's hypergradients
 qualify: during capture the solvers run all of their ``maxiter`` iterations
-(there is no early exit to decide on the host) and the ``on_failure`` checks
-are deferred, as under ``torch.func.vmap``, to :func:`bilevel.check_result`
-on the returned result.
+(there is no early exit to decide on the host) and no ``on_failure`` decision
+can be made, so with ``"warn"`` or ``"raise"`` a failed system's gradient
+comes out NaN; the diagnostics travel with the result, and
+:func:`bilevel.check_result` applies the policy to the replayed output.
 
     meta_grad = CUDAGraphed(lambda theta, tasks: meta_gradient(problem, theta, tasks))
     out = meta_grad(theta, tasks)   # first call per shape: warm-up and capture; then replays

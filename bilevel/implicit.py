@@ -11,7 +11,10 @@ through a ``torch.autograd.Function`` whose backward builds the linearization
 of ``G`` once (``torch.func.vjp``) and solves with a :mod:`bilevel.solvers`
 solver. The function composes with ``.backward()``, ``torch.func.grad`` and
 ``torch.func.vmap`` (the vmap rule is generated), in the spirit of jaxopt's
-``custom_root`` (Blondel et al., NeurIPS 2022).
+``custom_root`` (Blondel et al., NeurIPS 2022). The failure policy is applied in
+the backward and forward rules themselves, to the whole batch a transform hands
+them (:mod:`bilevel.policy`), so it holds under ``jacrev``, ``jacfwd``, ``hessian``
+and ``vmap`` as it does under ``.backward()``.
 """
 
 from __future__ import annotations
@@ -209,9 +212,13 @@ def implicit_root(
         has_aux: the decorated function returns ``(phi, aux)``; ``aux`` (iteration
             counts, a state) is returned as it is and takes no part in differentiation.
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` a non-converged solve or a
-            residual ``||G(phi, *args)|| > residual_tol`` (checked when differentiating,
-            outside vmap). NaN/Inf always raises. The last solve's diagnostics
-            are kept in ``decorated.last_solve`` (outside torch.func transforms);
+            residual ``||G(phi, *args)|| > residual_tol``, checked when differentiating, under
+            every ``torch.func`` transform too (the values are read beneath the wrappers;
+            ``"warn"`` warns once per call of the decorated function). NaN/Inf raises, except
+            that ``"ignore"`` reads nothing under a transform (a member that met NaN keeps its
+            NaN). Where nothing can be read (``torch.compile`` tracing, CUDA-graph capture),
+            ``"warn"`` and ``"raise"`` make a failed system's derivative NaN. The last
+            solve's diagnostics are kept in ``decorated.last_solve`` (outside torch.func transforms);
             ``decorated.optimality``, ``decorated.solver`` and ``decorated.has_aux`` are
             the arguments given here.
         residual_tol: tolerance on the optimality residual; ``None`` disables the check.

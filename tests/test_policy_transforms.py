@@ -69,8 +69,8 @@ TRANSFORMS = {
     "jacfwd": (lambda f, t: torch.func.jacfwd(f)(t), lambda J, H, t: J),
     "jvp": (lambda f, t: torch.func.jvp(f, (t,), (D,))[1], lambda J, H, t: J @ D),
     "hessian": (lambda f, t: torch.func.hessian(_half_square(f))(t), lambda J, H, t: H),
-    "vmap(grad)": (lambda f, t: torch.func.vmap(torch.func.grad(lambda s, w: f(s) @ w))(t.expand(N, M), torch.eye(N, dtype=F64)),
-                   lambda J, H, t: J),
+    "vmap(grad)": (lambda f, t: torch.func.vmap(torch.func.grad(lambda s, w: f(s) @ w))(
+        t.expand(N, M), torch.eye(N, dtype=F64)), lambda J, H, t: J),
     "vmap(jacrev)": (lambda f, t: torch.func.vmap(torch.func.jacrev(f))(torch.stack([t, 2 * t])),
                      lambda J, H, t: torch.stack([J, J])),
     "grad(grad)": (lambda f, t: torch.func.grad(lambda s: torch.func.grad(_half_square(f))(s) @ D)(t),
