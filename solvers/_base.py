@@ -15,8 +15,8 @@ recurrence's own estimate. Inside the loop only scalars are checked for NaN/Inf
 (the residual norm, the curvature): a non-finite iterate shows in the true
 residual at the end, one vector check per solve instead of one per iteration.
 A stopped system is frozen with
-``torch.where`` masks, so a batch of systems behaves exactly like the same
-systems solved one at a time.
+``torch.where`` masks (CG: by a zero step), so a batch of systems behaves exactly
+like the same systems solved one at a time.
 
 Under ``torch.func.vmap`` the one host-side decision, "has every system
 finished?", reads the whole batch beneath the vmap wrappers, so a vmapped solve
@@ -148,7 +148,8 @@ def check_iterative(solver: object) -> None:
 # ------------------------------------------------------------- tensor helpers
 
 def dot(u: Tensor, v: Tensor) -> Tensor:
-    """Per-system inner product over the last dimension."""
+    """Per-system inner product over the last dimension (the same reduction order for
+    every batch shape, so a batch of systems matches the systems solved one at a time)."""
     return (u * v).sum(-1)
 
 
@@ -162,6 +163,11 @@ def vec(s: Tensor) -> Tensor:
     return s.unsqueeze(-1)
 
 
+def axpy(a: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """``y + a x`` with a per-system scalar ``a`` (shape ``batch``): one fused kernel."""
+    return torch.addcmul(y, vec(a), x)
+
+
 def select(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
     """``new`` where ``mask`` (shape ``batch``) holds, else ``old``; scalars or vectors."""
     if new.dim() > mask.dim():
@@ -172,6 +178,12 @@ def select(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
 def safe_div(num: Tensor, den: Tensor, ok: Tensor) -> Tensor:
     """``num / den`` where ``ok``, else ``num`` (finite, gradient-safe placeholder)."""
     return num / torch.where(ok, den, torch.ones_like(den))
+
+
+def masked_div(num: Tensor, den: Tensor, ok: Tensor) -> Tensor:
+    """``num / den`` where ``ok``, else exactly 0 (finite, gradient-safe): a step that
+    freezes the systems outside ``ok``."""
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
 def finite(v: Tensor) -> Tensor:
@@ -343,7 +355,8 @@ def _numerically_singular(b: Tensor, x: Tensor, Ab: Tensor, Ax: Tensor) -> Tenso
     return (bnorm > 0) & (kappa > SINGULAR_SCALE / machine_eps(b.dtype))
 
 
-def asymmetric(u: Tensor, Au: Tensor, v: Tensor, Av: Tensor) -> Tensor:
+def asymmetric(u: Tensor, Au: Tensor, v: Tensor, Av: Tensor,
+               norms: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """Per system: ``|<u, A v> - <A u, v>|`` beyond rounding, relative to ``|u||Av| + |Au||v|``.
 
     A free symmetry probe on two vectors a Krylov solver has already applied the
@@ -351,10 +364,12 @@ def asymmetric(u: Tensor, Au: Tensor, v: Tensor, Av: Tensor) -> Tensor:
     leaves room for Hessian-vector products computed by automatic differentiation,
     symmetric only up to rounding: a float32 MLP's measured up to 1.8e-3 here. A
     milder asymmetry goes unnamed but not unreported: if it spoils the solve, the
-    true residual says so.
+    true residual says so. ``norms``: ``(||u||, ||Au||, ||v||, ||Av||)`` when the caller has
+    them already.
     """
+    nu, nAu, nv, nAv = norms if norms is not None else (norm(u), norm(Au), norm(v), norm(Av))
     gap = (dot(u, Av) - dot(Au, v)).abs()
-    scale = norm(u) * norm(Av) + norm(Au) * norm(v)
+    scale = nu * nAv + nAu * nv
     return gap > machine_eps(u.dtype) ** 0.25 * scale
 
 

@@ -35,6 +35,13 @@ class CG(B.IterativeSolver):
     equal ``<A p_{k-1}, p_k>``; a system where they differ beyond rounding stops with
     ``Status.NONSYMMETRIC`` (use GMRES or BiCGSTAB).
 
+    A system that has stopped is frozen by a zero step (``alpha = 0``, and its ``p``
+    kept as ``1 * p + 0 * z``) rather than by a masked copy of every vector: exact,
+    because a stopped system's ``p`` and ``A p`` are finite (a non-finite ``p^T A p``
+    stops a system as ``NONFINITE``, not as negative curvature, and a ``NONFINITE``
+    system's solution is NaN anyway). Each iteration is one matvec, three inner
+    products, three norms and four fused vector updates.
+
     Args:
         rtol, atol: stop a system once ``||b - A x|| <= max(rtol ||b||, atol)``.
         maxiter: iteration cap per system; ``None`` means ``10 n`` (scipy's default).
@@ -47,10 +54,11 @@ class CG(B.IterativeSolver):
     def __call__(self, matvec: MatVec, b: Tensor, x0: Tensor | None = None) -> SolveResult:
         op, precond, s, maxiter = self.start(matvec, b, x0, default_maxiter=lambda n: 10 * n)
         x, r, rnorm, status, its = s.x, s.r, s.rnorm, s.status, s.iterations
+        plain = self.M is None  # then z = r and (r, z) = ||r||^2, already known
         z = precond(r)
-        rz = B.dot(r, z)
+        rz = rnorm * rnorm if plain else B.dot(r, z)
         p = z
-        p_prev = Ap_prev = Ab = None
+        p_prev = Ap_prev = norms_prev = Ab = None
         history = [rnorm] if self.history else None
 
         for k in range(1, maxiter + 1):
@@ -60,35 +68,39 @@ class CG(B.IterativeSolver):
             Ap = op(p)
             if k == 1 and p is b:  # from x0 = 0 without a preconditioner: A b, reused by finish
                 Ab = Ap
+            norms = (B.norm(p), B.norm(Ap))
             if p_prev is not None:
-                status = B.mark(status, active & B.asymmetric(p_prev, Ap_prev, p, Ap), Status.NONSYMMETRIC)
+                asymmetric = B.asymmetric(p_prev, Ap_prev, p, Ap, norms=norms_prev + norms)
+                status = B.mark(status, active & asymmetric, Status.NONSYMMETRIC)
                 active = status == B.RUNNING
-            p_prev, Ap_prev = p, Ap
+            p_prev, Ap_prev, norms_prev = p, Ap, norms
             pAp = B.dot(p, Ap)
-            negative = active & (pAp <= 0)
+            finite_pAp = torch.isfinite(pAp)
+            negative = active & finite_pAp & (pAp <= 0)
             status = B.mark(status, negative, Status.NEGATIVE_CURVATURE)
-            alpha = B.safe_div(rz, pAp, pAp > 0)
-            x_new = x + B.vec(alpha) * p
-            r_new = r - B.vec(alpha) * Ap
-            rnorm_new = B.norm(r_new)
-            ok = torch.isfinite(pAp) & torch.isfinite(rnorm_new)
-            status = B.mark(status, active & ~negative & ~ok, Status.NONFINITE)
-            step = active & ~negative & ok
-            x = B.select(step, x_new, x)
-            r = B.select(step, r_new, r)
-            rnorm = B.select(step, rnorm_new, rnorm)
+            moving = active & ~negative
+            # A stopped system moves by 0 (its p and A p are finite, see the class notes): frozen.
+            alpha = B.masked_div(rz, pAp, moving)
+            x = B.axpy(alpha, p, x)
+            r = B.axpy(-alpha, Ap, r)
+            rnorm_new = B.norm(r)
+            ok = finite_pAp & torch.isfinite(rnorm_new)
+            status = B.mark(status, moving & ~ok, Status.NONFINITE)
+            step = moving & ok
+            rnorm = torch.where(step, rnorm_new, rnorm)
             its = its + step.long()
             status = B.mark(status, step & (rnorm <= s.tol), Status.CONVERGED)
             go = status == B.RUNNING
 
             z = precond(r)
-            rz_new = B.dot(r, z)
+            rz_new = rnorm_new * rnorm_new if plain else B.dot(r, z)
             # (r, M r) must stay positive for an SPD preconditioner.
             status = B.mark(status, go & ~(rz_new > 0), Status.BREAKDOWN)
             go = status == B.RUNNING
-            beta = B.safe_div(rz_new, rz, go)
-            p = B.select(go, z + B.vec(beta) * p, p)
-            rz = B.select(go, rz_new, rz)
+            # p <- z + beta p for a running system; a stopped one keeps its p (1 * p + 0 * z).
+            beta = torch.where(go, B.masked_div(rz_new, rz, go), torch.ones_like(rz))
+            p = B.axpy(go.to(p.dtype), z, B.vec(beta) * p)
+            rz = torch.where(go, rz_new, rz)
             if history is not None:
                 history.append(rnorm)
 

@@ -12,18 +12,21 @@ returns ``-(d_theta G)^T v = lam v = g_i``. The same problem gives MAML
 (``mode="unrolled"``, reverse mode through the inner steps; with ``lam = 0`` it
 is exactly MAML) and first-order MAML (``mode="first_order"``).
 
-:func:`meta_gradient` runs the whole meta-batch as one ``torch.func.vmap`` over
-tasks (inner solve, linear solve and vector-Jacobian products batched together)
-and averages the task meta-gradients.
+:func:`meta_gradient` averages the task meta-gradients of a meta-batch, computed
+as one ``torch.func.vmap`` over the tasks or as a loop over them, whichever runs
+faster here (measured on its first calls, or chosen by ``over_tasks``).
 """
 
 from __future__ import annotations
 
+import time
+import weakref
 from typing import Callable, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 import bilevel
 from bilevel.problems.imaml.inner import armijo_descent
@@ -32,12 +35,13 @@ from bilevel.problems.imaml.tasks import Task
 from bilevel.solvers import CG, LinearSolver, Status
 
 __all__ = ["IMAMLProblem", "MetaGradient", "Adaptation", "meta_gradient", "adapt", "balanced_groups", "cross_entropy",
-           "mse", "INNER_OPTIMIZERS", "PROX_SCHEDULES"]
+           "mse", "INNER_OPTIMIZERS", "OVER_TASKS", "PROX_SCHEDULES"]
 
 Forward = Callable[[Params, Tensor], Tensor]
 Loss = Callable[[Tensor, Tensor], Tensor]
 INNER_OPTIMIZERS = ("gd", "nesterov", "armijo")
 PROX_SCHEDULES = ("every_step", "last_step")
+OVER_TASKS = ("auto", "vmap", "loop")
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -179,44 +183,106 @@ class MetaGradient(NamedTuple):
 
 def meta_gradient(problem: IMAMLProblem, theta: Params, tasks: Task, *,
                   mode: Literal["implicit", "unrolled", "first_order"] = "implicit",
-                  solver: LinearSolver | None = None, chunk_size: int | None = None) -> MetaGradient:
-    """Average meta-gradient over a batch of tasks (leading dimension of ``tasks``), vmapped.
+                  solver: LinearSolver | None = None, chunk_size: int | None = None,
+                  over_tasks: Literal["auto", "vmap", "loop"] = "auto") -> MetaGradient:
+    """Average meta-gradient over a batch of tasks (leading dimension of ``tasks``).
 
     ``solver`` defaults to ``CG(maxiter=5)`` in the implicit mode (the paper's 5
     CG steps); a system that is not positive definite stops early with
     ``Status.NEGATIVE_CURVATURE``, counted by :meth:`MetaGradient.count`.
-    The adjoint's true relative residual costs one more query gradient per task.
-    ``chunk_size`` (``torch.func.vmap``'s argument) batches that many tasks at a
-    time, ``None`` all of them: the results are the same, and a smaller chunk
-    holds fewer tasks' activations at once (for memory), usually at some cost
-    in speed (``benchmarks/chunking.py`` measures both).
-    No value is read back to the host.
+    The adjoint's true relative residual comes with the solve (its right-hand side
+    is the hypergradient's ``adjoint_rhs``): no work beyond the solve's.
+
+    ``over_tasks`` says how the tasks are batched; every way returns the same
+    meta-gradient up to rounding:
+
+    * ``"vmap"``: one ``torch.func.vmap`` over the tasks (inner solve, linear solve
+      and vector-Jacobian products batched together), ``chunk_size`` tasks at a
+      time (``torch.func.vmap``'s argument; ``None``: all of them; a smaller chunk
+      holds fewer tasks' activations at once). No value is read back to the host.
+    * ``"loop"``: one :func:`bilevel.hypergradient` per task, outside every
+      transform, so gradients and Hessian-vector products run plain autograd and
+      each solve stops on its own. A task whose values are not finite is computed
+      again beneath ``vmap``, so NaN comes back exactly as the vmapped way returns it.
+    * ``"auto"`` (default): the loop for a single task. On a CPU with more tasks,
+      the faster way for this configuration (problem, shapes, mode, solver,
+      threads), measured on its first four calls, which alternate the two ways;
+      later calls take the one with the better time, as
+      ``torch.backends.cudnn.benchmark`` picks kernels. Elsewhere (a GPU), with
+      ``chunk_size`` or while ``torch.compile`` traces: vmap. On a CPU, vmap turns
+      each convolution into a grouped one, slower than the looped ones for
+      full-resolution feature maps, while a small network is bound by the
+      per-operation overhead that vmap shares across the tasks
+      (``benchmarks/default_path.py`` measures both).
     """
     implicit = mode == "implicit"
     if solver is not None and not implicit:
         raise ValueError(f"solver= applies only to mode='implicit', not mode={mode!r}")
+    if over_tasks not in OVER_TASKS:
+        raise ValueError(f"over_tasks must be one of {OVER_TASKS}, got {over_tasks!r}")
+    if over_tasks == "loop" and chunk_size is not None:
+        raise ValueError("chunk_size= applies only to over_tasks='vmap' (or 'auto')")
     if implicit and solver is None:
         solver = CG(maxiter=5)
     kwargs = {"solver": solver} if implicit else {}
-
-    query_grad = torch.func.grad(problem.query_loss)
 
     def one(task: Task):
         result = bilevel.hypergradient(problem, theta, task, mode=mode, on_failure="ignore", **kwargs)
         if not implicit:
             return result.grad, result.outer_loss, result.inner_residual
-        b, _ = bilevel.ravel(query_grad(result.inner, task))
-        v, residual = result.solve.x, result.solve.residual_norm
+        b, v, residual = result.adjoint_rhs, result.solve.x, result.solve.residual_norm
         relative = residual / torch.clamp(b.norm(), min=torch.finfo(b.dtype).tiny)
         indefinite = ((v * b).sum() + v.norm() * residual < 0) | (result.solve.status == int(Status.NEGATIVE_CURVATURE))
         return (result.grad, result.outer_loss, result.inner_residual, result.solve.status,
                 result.solve.iterations, relative, indefinite)
 
-    out = torch.func.vmap(one, chunk_size=chunk_size)(tasks)
+    way, timings = _choose_way(problem, theta, tasks, mode, solver, over_tasks, chunk_size)
+    start = time.perf_counter()
+    if way == "loop":
+        out = _loop(one, tasks)
+    else:
+        out = torch.func.vmap(one, chunk_size=chunk_size)(tasks)
+    if timings is not None:
+        timings.append(time.perf_counter() - start)
     grad = {k: g.mean(0) for k, g in out[0].items()}
     if implicit:
         return MetaGradient(grad, out[1], out[3], out[4], out[2], out[5], out[6])
     return MetaGradient(grad, out[1], None, None, out[2])
+
+
+_TRIALS = 2
+"""Calls of each way that ``over_tasks="auto"`` times before it settles."""
+_TIMINGS: "weakref.WeakKeyDictionary[IMAMLProblem, dict[tuple, dict[str, list[float]]]]" = weakref.WeakKeyDictionary()
+
+
+def _choose_way(problem: IMAMLProblem, theta: Params, tasks: Task, mode: str, solver: LinearSolver | None,
+                over_tasks: str, chunk_size: int | None) -> tuple[str, list[float] | None]:
+    """``"vmap"`` or ``"loop"`` for this call, and the list its time goes to while ``"auto"`` measures."""
+    if over_tasks != "auto":
+        return over_tasks, None
+    if chunk_size is not None or tasks.support_x.device.type != "cpu" or torch.compiler.is_compiling():
+        return "vmap", None
+    if tasks.support_x.shape[0] == 1:
+        return "loop", None
+    key = (mode, repr(solver), torch.get_num_threads(),
+           tuple((name, tuple(t.shape), t.dtype) for name, t in theta.items()),
+           tuple((tuple(t.shape), t.dtype) for t in tasks))
+    times = _TIMINGS.setdefault(problem, {}).setdefault(key, {"vmap": [], "loop": []})
+    if len(times["loop"]) < _TRIALS:
+        way = "vmap" if len(times["vmap"]) <= len(times["loop"]) else "loop"
+        return way, times[way]
+    return min(times, key=lambda w: min(times[w])), None
+
+
+def _loop(one: Callable[[Task], tuple], tasks: Task) -> tuple:
+    """``one`` applied to each task in turn, outside every transform, its outputs stacked by task."""
+    outs = []
+    for i in range(tasks.support_x.shape[0]):
+        try:
+            outs.append(one(tasks.index(i)))
+        except bilevel.NonFiniteError:  # the vmapped way returns the NaN instead of raising
+            outs.append(pytree.tree_map(lambda t: t[0], torch.func.vmap(one)(tasks.index(slice(i, i + 1)))))
+    return pytree.tree_map(lambda *per_task: torch.stack(per_task), *outs)
 
 
 class Adaptation(NamedTuple):
