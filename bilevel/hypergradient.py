@@ -202,10 +202,13 @@ def check_result(result: HypergradientResult, *, on_failure: OnFailure = "warn",
     require_finite(seen.outer_loss, "the outer loss f(phi*, theta)", inner_message or
                    "the outer objective or its data (e.g. the validation set) holds NaN/Inf")
     solve_message = None if seen.solve is None else solve_failure(seen.solve)
+    residual_message = inner_residual_failure(seen.inner_residual, residual_tol, seen.inner_solve)
+    # Before the gradient's NaN check: where nothing could be read, a failure was marked by NaN there.
+    CallPolicy(on_failure).report(inner_message, solve_message, residual_message)
+    failed = "the solve failed as reported (compiled or captured calls mark a failed system's gradient NaN)"
     require_finite(seen.grad, "the hypergradient",
+                   failed if solve_message or residual_message else
                    "the outer objective or the optimality condition produced NaN/Inf at phi*")
-    CallPolicy(on_failure).report(inner_message, solve_message,
-                                  inner_residual_failure(seen.inner_residual, residual_tol, seen.inner_solve))
     return result
 
 

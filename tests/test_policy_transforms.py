@@ -267,6 +267,28 @@ def test_check_result_where_nothing_can_be_read_returns_nan_for_failures(capturi
     torch.testing.assert_close(solved.grad, case.expected(), rtol=1e-9, atol=1e-11)
 
 
+def test_compiled_vmapped_hypergradient_is_nan_where_a_solve_failed():
+    """Under ``torch.compile`` (fullgraph: no host decision while tracing) a failed member's gradient is
+    NaN with "warn", a converged one is right, and ``check_result`` on the output applies the policy."""
+    cases = [quadratic_case(5, 3, 50.0, s, [0.2, -0.4, 0.9]) for s in (1, 2)]
+    data, problem, outer = stack_data(cases), cases[0].problem, cases[0].outer
+
+    def compiled(solver):
+        def batch(o, d):
+            return torch.func.vmap(lambda t: bilevel.hypergradient(problem, o, t, solver=solver))(d)
+        torch._dynamo.reset()
+        return torch.compile(batch, backend="aot_eager", fullgraph=True)(outer, data)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        failed = compiled(solvers.CG(maxiter=1))
+        solved = compiled(solvers.CG(maxiter=6, rtol=1e-12))
+    assert bool(torch.isnan(failed.grad).all())
+    with pytest.raises(ConvergenceError, match="MAX_ITERATIONS"):
+        bilevel.check_result(failed, on_failure="raise", residual_tol=problem.residual_tol)
+    torch.testing.assert_close(solved.grad, torch.stack([c.expected() for c in cases]), rtol=1e-9, atol=1e-11)
+
+
 # ------------------------------------------------------------------ the property
 
 @settings(max_examples=30, deadline=None)
