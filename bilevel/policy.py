@@ -41,8 +41,9 @@ def validate_on_failure(on_failure: str) -> None:
 
 
 def host_checks_deferred(*trees: PyTree) -> bool:
-    """True when the values are not readable now: a leaf is batched by ``torch.func.vmap``,
-    or a CUDA graph is being captured. :func:`bilevel.check_result` checks later."""
+    """True when Python cannot read the values directly: a leaf is batched by ``torch.func.vmap``,
+    or a CUDA graph is captured, or ``torch.compile`` traces. Beneath ``vmap``, :func:`host_view`
+    still reads them."""
     leaves = (t for tree in trees for t in tree_leaves(tree) if isinstance(t, Tensor))
     return any(values_hidden(t) for t in leaves)
 
@@ -138,19 +139,6 @@ def solve_failure(solve: SolveResult) -> str | None:
         f"... and {len(failures) - SHOWN_FAILURES + 1} more of {int(solve.status.numel())} systems"]
     lines = "\n  ".join(shown)
     return f"adjoint linear solve did not converge:\n  {lines}"
-
-
-def check_inner_residual(residual: Tensor | None, residual_tol: float | None, on_failure: OnFailure) -> None:
-    message = inner_residual_failure(residual, residual_tol)
-    if message is not None:
-        report(message, on_failure)
-
-
-def check_solve(solve: SolveResult, on_failure: OnFailure) -> None:
-    """NaN/Inf anywhere in the solve raises; any other non-converged system is reported."""
-    message = solve_failure(solve)
-    if message is not None:
-        report(message, on_failure)
 
 
 class CallPolicy:
