@@ -254,9 +254,10 @@ def test_bad_options_are_clear_errors(case, kind):
 @fuzz
 @given(case=bst.problems(families=("contraction", "saddle", "ridge", "quadratic")),
        name=st.sampled_from(("cg", "minres", "neumann", "bicgstab")),
-       on_failure=st.sampled_from(("warn", "raise")))
-def test_any_solver_on_any_structure_is_right_or_says_so(case, name, on_failure):
-    solver = solvers.Neumann(alpha=1.0, rtol=1e-10) if name == "neumann" else tight(name)
+       on_failure=st.sampled_from(("warn", "raise")), alpha=st.sampled_from((None, 1.0)))
+def test_any_solver_on_any_structure_is_right_or_says_so(case, name, on_failure, alpha):
+    # Neumann with its own step (power iterations) or with a fixed alpha = 1
+    solver = solvers.Neumann(alpha=alpha, rtol=1e-10) if name == "neumann" else tight(name)
     verdict = classify(lambda: bilevel.hypergradient(case.problem, case.outer, case.data, solver=solver,
                                                      on_failure=on_failure),
                        grad_vs(case), rtol=1e-6, atol=1e-9)
