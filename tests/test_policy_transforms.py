@@ -176,6 +176,36 @@ def test_a_nan_member_raises_under_vmap_unless_ignored():
     torch.testing.assert_close(got[[0, 2]], torch.linalg.solve(A, B @ thetas[[0, 2]].T + c[:, None]).T)
 
 
+def test_host_view_lays_out_every_vmap_level_first_and_lines_leaves_up():
+    """Beneath nested vmaps (batch dimensions not in front), each level becomes a leading dimension,
+    outermost first; a leaf batched at fewer levels is broadcast along the others."""
+    from bilevel.policy import host_view
+
+    x = torch.arange(24.0).reshape(2, 3, 4)
+    y = torch.arange(2.0)
+    seen = []
+
+    def inner(t, s):
+        seen.append(host_view({"t": t, "s": s, "n": None}))
+        return t
+
+    torch.func.vmap(torch.func.vmap(inner, in_dims=(1, None)), in_dims=(0, 0))(x, y)
+    (view,) = seen
+    torch.testing.assert_close(view["t"], x.permute(0, 2, 1))  # [i, j] is the member x[i, :, j]
+    torch.testing.assert_close(view["s"], y[:, None].expand(2, 4))
+    assert view["n"] is None
+    plain = torch.arange(3.0)
+    assert torch.equal(host_view(plain), plain)
+    grads = []
+    torch.func.grad(lambda t: grads.append(host_view(t)) or t.sum())(plain)  # a gradient wrapper is looked through
+    assert torch.equal(grads[0], plain)
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        assert host_view({"fake": mode.from_tensor(plain)}) is None  # no values behind it: no decision
+
+
 # ------------------------------------------------------------------ hypergradient
 
 def _case():
