@@ -180,12 +180,6 @@ def safe_div(num: Tensor, den: Tensor, ok: Tensor) -> Tensor:
     return num / torch.where(ok, den, torch.ones_like(den))
 
 
-def masked_div(num: Tensor, den: Tensor, ok: Tensor) -> Tensor:
-    """``num / den`` where ``ok``, else exactly 0 (finite, gradient-safe): a step that
-    freezes the systems outside ``ok``."""
-    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
-
-
 def finite(v: Tensor) -> Tensor:
     """Per-system: every entry of the ``(*batch, n)`` vector ``v`` is finite."""
     return torch.isfinite(v).all(-1)
@@ -355,8 +349,7 @@ def _numerically_singular(b: Tensor, x: Tensor, Ab: Tensor, Ax: Tensor) -> Tenso
     return (bnorm > 0) & (kappa > SINGULAR_SCALE / machine_eps(b.dtype))
 
 
-def asymmetric(u: Tensor, Au: Tensor, v: Tensor, Av: Tensor,
-               norms: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> Tensor:
+def asymmetric(u: Tensor, Au: Tensor, v: Tensor, Av: Tensor) -> Tensor:
     """Per system: ``|<u, A v> - <A u, v>|`` beyond rounding, relative to ``|u||Av| + |Au||v|``.
 
     A free symmetry probe on two vectors a Krylov solver has already applied the
@@ -364,12 +357,10 @@ def asymmetric(u: Tensor, Au: Tensor, v: Tensor, Av: Tensor,
     leaves room for Hessian-vector products computed by automatic differentiation,
     symmetric only up to rounding: a float32 MLP's measured up to 1.8e-3 here. A
     milder asymmetry goes unnamed but not unreported: if it spoils the solve, the
-    true residual says so. ``norms``: ``(||u||, ||Au||, ||v||, ||Av||)`` when the caller has
-    them already.
+    true residual says so.
     """
-    nu, nAu, nv, nAv = norms if norms is not None else (norm(u), norm(Au), norm(v), norm(Av))
     gap = (dot(u, Av) - dot(Au, v)).abs()
-    scale = nu * nAv + nAu * nv
+    scale = norm(u) * norm(Av) + norm(Au) * norm(v)
     return gap > machine_eps(u.dtype) ** 0.25 * scale
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,16 +32,16 @@ class CG(B.IterativeSolver):
     When a direction has ``p^T A p <= 0`` the operator is not positive definite:
     that system stops at its last iterate with ``Status.NEGATIVE_CURVATURE``
     (use :class:`~bilevel.solvers.MINRES` or :class:`~bilevel.solvers.GMRES`).
-    Successive directions also probe symmetry for free: ``<p_{k-1}, A p_k>`` must
-    equal ``<A p_{k-1}, p_k>``; a system where they differ beyond rounding stops with
-    ``Status.NONSYMMETRIC`` (use GMRES or BiCGSTAB).
+    The first two directions also probe symmetry, without a matvec of their own:
+    ``<p_0, A p_1>`` must equal ``<A p_0, p_1>``; a system where they differ beyond
+    rounding stops with ``Status.NONSYMMETRIC`` (use GMRES or BiCGSTAB). Like the true
+    residual at the end, the probe is a fixed cost per solve, not per iteration.
 
-    A system that has stopped is frozen by a zero step (``alpha = 0``, and its ``p``
-    kept as ``1 * p + 0 * z``) rather than by a masked copy of every vector: exact,
-    because a stopped system's ``p`` and ``A p`` are finite (a non-finite ``p^T A p``
-    stops a system as ``NONFINITE``, not as negative curvature, and a ``NONFINITE``
-    system's solution is NaN anyway). Each iteration is one matvec, three inner
-    products, three norms and four fused vector updates.
+    A stopped system moves by a zero step (``alpha = 0``) instead of a masked copy of
+    ``x`` and ``r``: exact, because its ``p`` (kept by a mask) and ``A p`` are finite
+    (a non-finite ``p^T A p`` stops a system as ``NONFINITE``, whose solution is NaN
+    anyway). Each iteration is one matvec, one inner product, one norm and three
+    fused vector updates.
 
     Args:
         rtol, atol: stop a system once ``||b - A x|| <= max(rtol ||b||, atol)``.
@@ -58,49 +59,43 @@ class CG(B.IterativeSolver):
         z = precond(r)
         rz = rnorm * rnorm if plain else B.dot(r, z)
         p = z
-        p_prev = Ap_prev = norms_prev = Ab = None
+        first = Ab = None
         history = [rnorm] if self.history else None
-
+        running = status == B.RUNNING
         for k in range(1, maxiter + 1):
-            if B.all_finished(status == B.RUNNING, k - 1):
+            if B.all_finished(running, k - 1):
                 break
-            active = status == B.RUNNING
             Ap = op(p)
-            if k == 1 and p is b:  # from x0 = 0 without a preconditioner: A b, reused by finish
-                Ab = Ap
-            norms = (B.norm(p), B.norm(Ap))
-            if p_prev is not None:
-                asymmetric = B.asymmetric(p_prev, Ap_prev, p, Ap, norms=norms_prev + norms)
-                status = B.mark(status, active & asymmetric, Status.NONSYMMETRIC)
-                active = status == B.RUNNING
-            p_prev, Ap_prev, norms_prev = p, Ap, norms
+            if k == 1:
+                first = (p, Ap)
+                if p is b:  # from x0 = 0 without a preconditioner: A b, reused by finish
+                    Ab = Ap
+            elif k == 2:  # the symmetry probe, once per solve: the first two directions
+                status = B.mark(status, running & B.asymmetric(*first, p, Ap), Status.NONSYMMETRIC)
+                running, first = status == B.RUNNING, None
             pAp = B.dot(p, Ap)
             finite_pAp = torch.isfinite(pAp)
-            negative = active & finite_pAp & (pAp <= 0)
-            status = B.mark(status, negative, Status.NEGATIVE_CURVATURE)
-            moving = active & ~negative
-            # A stopped system moves by 0 (its p and A p are finite, see the class notes): frozen.
-            alpha = B.masked_div(rz, pAp, moving)
+            negative = finite_pAp & (pAp <= 0)
+            moving = running & ~negative
+            alpha = rz / torch.where(moving, pAp, math.inf)  # exactly 0 for a stopped system: frozen
             x = B.axpy(alpha, p, x)
             r = B.axpy(-alpha, Ap, r)
             rnorm_new = B.norm(r)
             ok = finite_pAp & torch.isfinite(rnorm_new)
-            status = B.mark(status, moving & ~ok, Status.NONFINITE)
             step = moving & ok
             rnorm = torch.where(step, rnorm_new, rnorm)
-            its = its + step.long()
-            status = B.mark(status, step & (rnorm <= s.tol), Status.CONVERGED)
-            go = status == B.RUNNING
-
+            its = its + step
             z = precond(r)
             rz_new = rnorm_new * rnorm_new if plain else B.dot(r, z)
-            # (r, M r) must stay positive for an SPD preconditioner.
-            status = B.mark(status, go & ~(rz_new > 0), Status.BREAKDOWN)
-            go = status == B.RUNNING
-            # p <- z + beta p for a running system; a stopped one keeps its p (1 * p + 0 * z).
-            beta = torch.where(go, B.masked_div(rz_new, rz, go), torch.ones_like(rz))
-            p = B.axpy(go.to(p.dtype), z, B.vec(beta) * p)
-            rz = torch.where(go, rz_new, rz)
+            # A running system's new status, by priority; (r, M r) must stay positive for an SPD M.
+            after = torch.where(rz_new > 0, B.RUNNING, int(Status.BREAKDOWN))
+            after = torch.where(rnorm <= s.tol, int(Status.CONVERGED), after)
+            after = torch.where(ok, after, int(Status.NONFINITE))
+            after = torch.where(negative, int(Status.NEGATIVE_CURVATURE), after)
+            status = torch.where(running, after, status)
+            running = status == B.RUNNING
+            p = B.select(running, B.axpy(rz_new / torch.where(running, rz, 1.0), p, z), p)
+            rz = torch.where(running, rz_new, rz)
             if history is not None:
                 history.append(rnorm)
 
