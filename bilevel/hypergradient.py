@@ -61,8 +61,7 @@ class HypergradientResult:
             (``None`` for a problem that defines no optimality condition).
         solve: diagnostics of the adjoint linear solve (``"implicit"`` mode), else ``None``.
         inner_solve: the inner minimizer's report (status, iterations, gradient norm,
-            objective) when the problem's default ``solve_inner`` ran one
-            (:meth:`BilevelProblem.inner_minimizer`), else ``None``.
+            objective) where the problem ran one (:meth:`BilevelProblem.inner_solve`), else ``None``.
         adjoint_rhs: ``d_phi f`` at ``phi*`` as one flat vector, the right-hand side ``b`` of the
             adjoint system (``"implicit"`` mode), else ``None``: with ``solve`` it gives the
             relative residual ``solve.residual_norm / ||b||`` at no extra cost.
@@ -245,14 +244,12 @@ def _outer_value_and_grads(problem: BilevelProblem, inner: PyTree, outer: PyTree
 
 def _solve_detached(problem: BilevelProblem, outer: PyTree, data: Any,
                     init: PyTree | None) -> tuple[PyTree, MinimizeResult | None]:
-    """``phi*`` (detached), and the inner minimizer's report where the default ``solve_inner`` ran one."""
-    report = None
+    """``phi*`` (detached), and the inner minimizer's report where one ran (:meth:`BilevelProblem.inner_solve`)."""
     with torch.no_grad():
         outer_d = tree_map(torch.Tensor.detach, outer)
         start = _initial(problem, outer_d, data, init)
         start = None if start is None else tree_map(torch.Tensor.detach, start)
-        if not problem.overrides_solve_inner:
-            report = problem.inner_solve(outer_d, data, start)
+        report = problem.inner_solve(outer_d, data, start)
         inner = report.x if report is not None else problem.solve_inner(outer_d, data, start)
         name = f"{type(problem).__name__}.solve_inner's result"
         check_parameters(inner, name)

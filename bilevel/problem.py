@@ -187,10 +187,12 @@ class BilevelProblem:
         return NewtonCG()
 
     def inner_solve(self, outer: PyTree, data: Any, init: PyTree) -> MinimizeResult | None:
-        """The default :meth:`solve_inner` with its report: the :meth:`inner_minimizer`'s
-        :class:`~bilevel.solvers.minimize.MinimizeResult` from ``init``, or ``None`` where
-        :meth:`inner_update` is iterated (no minimizer)."""
-        minimizer = self.inner_minimizer()
+        """The inner solve with its report: the :meth:`inner_minimizer`'s
+        :class:`~bilevel.solvers.minimize.MinimizeResult` from ``init``, or ``None`` where no
+        minimizer runs (a problem with its own :meth:`solve_inner`, or one that iterates
+        :meth:`inner_update`). :func:`bilevel.hypergradient` calls it first, and
+        :meth:`solve_inner` where it gives ``None``."""
+        minimizer = None if self.overrides_solve_inner else self.inner_minimizer()
         if minimizer is None:
             return None
         objective = scalar_objective(self.inner_objective, f"{type(self).__name__}.inner_objective")

@@ -24,8 +24,8 @@ __all__ = ["register", "run"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from bilevel.problems.imaml.config import (BASELINES, DATASETS, EVAL_BN, INNER_OPTIMIZERS, LR_SCHEDULES, MODES,
-                                               SOLVERS, SPLITS, VARIANTS, Config)
+    from bilevel.problems.imaml.config import (ACTIVATIONS, BASELINES, DATASETS, EVAL_BN, INNER_OPTIMIZERS,
+                                               LR_SCHEDULES, MODES, SOLVERS, SPLITS, VARIANTS, Config)
     from bilevel.runner.flags import deprecated_alias
     from bilevel.runs import add_run_flags, count, real, track_given
 
@@ -70,10 +70,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "the sinusoid)")
     p.add_argument("--inner-optimizer", choices=INNER_OPTIMIZERS, default=defaults.inner_optimizer,
                    help="armijo: gradient descent with a per-task backtracking step that cannot diverge "
-                        "(default on the sinusoid); gd: fixed steps of --inner-lr (default otherwise); nesterov")
+                        "(default on the sinusoid); gd: fixed steps of --inner-lr (default otherwise); nesterov; "
+                        "lbfgs and newton_cg (iMAML-HF): the library's inner solvers, at most --inner-steps "
+                        "iterations to --inner-tol (bilevel.solvers.minimize)")
     p.add_argument("--inner-tol", type=real(0, low_open=True),
-                   help="armijo: a task whose inner gradient norm is at most this stops moving "
-                        "(default 1e-3 sinusoid)")
+                   help="armijo, lbfgs, newton_cg: a task whose inner gradient norm is at most this is solved "
+                        "and stops (default 1e-3 sinusoid)")
+    p.add_argument("--activation", choices=ACTIVATIONS, default=defaults.activation,
+                   help="the network's nonlinearity: relu (the papers') or a smooth one, silu or softplus, "
+                        "with which the proximal inner problem is solvable to a small gradient")
     p.add_argument("--prox-schedule", choices=("every_step", "last_step"), default=defaults.prox_schedule,
                    help="proximal term in every inner step (the formula) or one proximal step after plain steps "
                         "on the support loss (the paper's reference code); default: --variant's")

@@ -13,7 +13,8 @@ from bilevel.devices import resolve_device
 from bilevel.problems.imaml.omniglot import SPLITS
 from bilevel.solvers import SOLVERS
 
-__all__ = ["Config", "DATASETS", "MODES", "SOLVERS", "SPLITS", "RESUMABLE", "BASELINES", "INNER_OPTIMIZERS", "VARIANTS",
+__all__ = ["ACTIVATIONS", "Config", "DATASETS", "MODES", "SOLVERS", "SPLITS", "RESUMABLE", "BASELINES",
+           "INNER_OPTIMIZERS", "VARIANTS",
            "EVAL_BN", "LR_SCHEDULES"]
 
 DATASETS = ("sinusoid", "omniglot")
@@ -33,7 +34,8 @@ LR_SCHEDULES = ("constant", "cosine")
 # "Choosing the main job's settings").
 SINUSOID = dict(lam=3.0, inner_steps=20, inner_optimizer="armijo", inner_tol=1e-3, solver="minres", cg_steps=20,
                 solver_rtol=1e-2, steps=1000)
-INNER_OPTIMIZERS = ("gd", "nesterov", "armijo")
+INNER_OPTIMIZERS = ("gd", "nesterov", "armijo", "lbfgs", "newton_cg")
+ACTIVATIONS = ("relu", "silu", "softplus")
 
 # Counts that make sense only from 1 up (a None field takes its default, which is valid;
 # chunk_size None batches the whole meta-batch).
@@ -80,6 +82,7 @@ class Config:
     ways: int = 5
     split: str = "official-runs"
     channels: int = 64
+    activation: str = "relu"
     shots: int | None = None
     queries: int | None = None
     mode: str = "implicit"
@@ -153,6 +156,7 @@ class Config:
         if self.damping is not None and not self.damping >= 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
         for name, value, allowed in (("variant", self.variant, VARIANTS), ("eval_bn", self.eval_bn, EVAL_BN),
+                                     ("activation", self.activation, ACTIVATIONS),
                                      ("lr_schedule", self.lr_schedule, LR_SCHEDULES)):
             if value is not None and value not in allowed:
                 raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")

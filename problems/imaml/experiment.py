@@ -56,6 +56,8 @@ def protocol(config: Config) -> str:
     """How a resolved ``config`` scores held-out tasks, in words (stored beside every figure)."""
     lam = config.lam if config.eval_lam is None else config.eval_lam
     adapt = f"adapted by {config.inner_steps} {config.inner_optimizer} steps with lam {lam:g}"
+    if config.activation != "relu":
+        adapt += f", {config.activation} network"
     if config.dataset == "sinusoid":
         return f"{config.shots} support and {config.eval_queries} query points, {adapt}"
     norm = (f"batch norm over class-balanced groups of {config.shots} per class" if config.eval_bn == "balanced"
@@ -76,14 +78,15 @@ def build(config: Config, omniglot_images: tuple[np.ndarray, np.ndarray] | None 
 
     generator = torch.Generator().manual_seed(config.seed)
     if config.dataset == "sinusoid":
-        forward, loss, init = models.mlp_forward, mse, models.mlp_init(generator=generator)
+        forward, loss, init = models.forward_with(models.mlp_forward, config.activation), mse, models.mlp_init(
+            generator=generator)
         train, test = SinusoidTasks(config.shots, config.queries), SinusoidTasks(config.shots, config.eval_queries)
     else:
         if omniglot_images is None:
             from bilevel.problems.imaml.omniglot import load_omniglot
 
             omniglot_images = load_omniglot(config.data_dir, config.cache_dir).split(scheme=config.split)
-        forward, loss = models.conv4_forward, cross_entropy
+        forward, loss = models.forward_with(models.conv4_forward, config.activation), cross_entropy
         init = models.conv4_init(config.ways, config.channels, generator=generator)
         train = OmniglotTasks(omniglot_images[0], config.ways, config.shots, config.queries, rotations=True)
         test = OmniglotTasks(omniglot_images[1], config.ways, config.shots, config.eval_queries,

@@ -10,21 +10,33 @@ Written as plain functions of ``(params, x)`` so that ``torch.func`` transforms
   with the statistics of the current batch (no running averages: each task
   normalizes with its own batch, also at test time, as in MAML), ReLU; then the
   spatial mean and a linear head. 28x28 inputs shrink to 14, 7, 4, 2.
+
+Both take the nonlinearity as a setting (:data:`ACTIVATIONS`, :func:`forward_with`):
+ReLU, as the papers, or a smooth one (SiLU, softplus). With ReLU the proximal inner
+objective is not differentiable at the kinks where its minimizers sit, so no inner
+solver reaches a small gradient there and the implicit function theorem's premise
+fails; with a smooth activation the inner problem is solvable (docs/imaml.md).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Params", "mlp_init", "mlp_forward", "conv4_init", "conv4_forward", "num_params"]
+__all__ = ["ACTIVATIONS", "Params", "conv4_forward", "conv4_init", "forward_with", "mlp_forward", "mlp_init",
+           "num_params"]
 
 Params = dict[str, Tensor]
 
 BN_EPS = 1e-5
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": torch.relu, "silu": F.silu, "softplus": F.softplus}
+"""The networks' nonlinearities by name: ReLU (the papers'), and the smooth SiLU and softplus."""
 
 
 def num_params(params: Params) -> int:
@@ -47,10 +59,11 @@ def mlp_init(hidden: int = 40, *, generator: torch.Generator | None = None) -> P
     return params
 
 
-def mlp_forward(params: Params, x: Tensor) -> Tensor:
+def mlp_forward(params: Params, x: Tensor, activation: str = "relu") -> Tensor:
     """``x`` of shape ``(n, 1)`` to predictions ``(n, 1)``."""
-    h = torch.relu(F.linear(x, params["fc0.weight"], params["fc0.bias"]))
-    h = torch.relu(F.linear(h, params["fc1.weight"], params["fc1.bias"]))
+    act = ACTIVATIONS[activation]
+    h = act(F.linear(x, params["fc0.weight"], params["fc0.bias"]))
+    h = act(F.linear(h, params["fc1.weight"], params["fc1.bias"]))
     return F.linear(h, params["fc2.weight"], params["fc2.bias"])
 
 
@@ -84,10 +97,18 @@ def _batch_norm(h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return h * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
 
 
-def conv4_forward(params: Params, x: Tensor) -> Tensor:
+def conv4_forward(params: Params, x: Tensor, activation: str = "relu") -> Tensor:
     """Images ``(n, c, 28, 28)`` to logits ``(n, ways)``."""
+    act = ACTIVATIONS[activation]
     h = x
     for i in range(4):
         h = F.conv2d(h, params[f"conv{i}.weight"], params[f"conv{i}.bias"], stride=2, padding=1)
-        h = torch.relu(_batch_norm(h, params[f"bn{i}.weight"], params[f"bn{i}.bias"]))
+        h = act(_batch_norm(h, params[f"bn{i}.weight"], params[f"bn{i}.bias"]))
     return F.linear(h.mean(dim=(2, 3)), params["head.weight"], params["head.bias"])
+
+
+def forward_with(forward: Callable[..., Tensor], activation: str) -> Callable[[Params, Tensor], Tensor]:
+    """``forward(params, x)`` of :func:`mlp_forward` or :func:`conv4_forward` with ``activation``."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    return forward if activation == "relu" else functools.partial(forward, activation=activation)

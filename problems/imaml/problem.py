@@ -19,6 +19,7 @@ faster here (measured on its first calls, or chosen by ``over_tasks``).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import weakref
 from typing import Callable, Literal, NamedTuple
@@ -29,17 +30,17 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 import bilevel
-from bilevel.problems.imaml.inner import armijo_descent
 from bilevel.problems.imaml.models import Params
 from bilevel.problems.imaml.tasks import Task
 from bilevel.solvers import CG, LinearSolver, Status
+from bilevel.solvers.minimize import Armijo, MinimizeResult, Minimizer, get_minimizer
 
 __all__ = ["IMAMLProblem", "MetaGradient", "Adaptation", "meta_gradient", "adapt", "balanced_groups", "cross_entropy",
            "mse", "INNER_OPTIMIZERS", "OVER_TASKS", "PROX_SCHEDULES"]
 
 Forward = Callable[[Params, Tensor], Tensor]
 Loss = Callable[[Tensor, Tensor], Tensor]
-INNER_OPTIMIZERS = ("gd", "nesterov", "armijo")
+INNER_OPTIMIZERS = ("gd", "nesterov", "armijo", "lbfgs", "newton_cg")
 PROX_SCHEDULES = ("every_step", "last_step")
 OVER_TASKS = ("auto", "vmap", "loop")
 
@@ -64,13 +65,17 @@ class IMAMLProblem(bilevel.BilevelProblem):
             ``inner_lr`` from ``theta`` (paper: 0.1, 16 for 5-way, 25 for 20-way).
         inner_optimizer: ``"gd"`` (the paper's iMAML-GD), ``"nesterov"``
             (Nesterov's accelerated gradient with momentum ``(k - 1) / (k + 2)`` at
-            step ``k``) or ``"armijo"`` (gradient descent with a per-task
-            backtracking step that starts from ``inner_lr``, so the inner objective
-            never increases: :func:`~bilevel.problems.imaml.inner.armijo_descent`);
-            iMAML needs only the inner solution, so any optimizer works in the
-            implicit and first-order modes.
-        inner_tol: with ``"armijo"``, a task whose inner gradient norm is at most
-            ``inner_tol`` stops moving (``None``: all ``inner_steps`` for every task).
+            step ``k``), or one of the library's inner solvers
+            (:mod:`bilevel.solvers.minimize`), by name or as an instance: ``"armijo"``
+            (gradient descent with a per-task backtracking step that starts from
+            ``inner_lr``, so the inner objective never increases), ``"lbfgs"``, or
+            ``"newton_cg"`` (Hessian-free: iMAML-HF). A named one runs at most
+            ``inner_steps`` iterations; an instance keeps its own settings. iMAML needs
+            only the inner solution, so any optimizer works in the implicit and
+            first-order modes.
+        inner_tol: with a library solver, a task whose inner gradient norm is at most
+            ``inner_tol`` is solved and stops (``None``: the solver's default relative
+            tolerance for ``"lbfgs"``/``"newton_cg"``, all ``inner_steps`` for ``"armijo"``).
         prox_schedule: ``"every_step"`` (default): every step descends
             ``L_train + lam/2 ||phi - theta||^2``, the inner problem of the formula.
             ``"last_step"``: the steps descend ``L_train`` alone and one proximal
@@ -83,12 +88,13 @@ class IMAMLProblem(bilevel.BilevelProblem):
     residual_tol = None  # a few inner steps give an approximate phi_i by design
 
     def __init__(self, forward: Forward, loss: Loss, *, lam: float = 2.0, inner_lr: float = 0.1,
-                 inner_steps: int = 16, inner_optimizer: str = "gd", prox_schedule: str = "every_step",
+                 inner_steps: int = 16, inner_optimizer: str | Minimizer = "gd", prox_schedule: str = "every_step",
                  inner_tol: float | None = None):
         if lam < 0:
             raise ValueError(f"lam must be >= 0, got {lam}")
-        if inner_optimizer not in INNER_OPTIMIZERS:
-            raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}")
+        if not (inner_optimizer in INNER_OPTIMIZERS or isinstance(inner_optimizer, Minimizer)):
+            raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS} or a bilevel.solvers.minimize "
+                             f"instance, got {inner_optimizer!r}")
         if prox_schedule not in PROX_SCHEDULES:
             raise ValueError(f"prox_schedule must be one of {PROX_SCHEDULES}, got {prox_schedule!r}")
         self.forward, self.loss, self.lam = forward, loss, lam
@@ -113,16 +119,33 @@ class IMAMLProblem(bilevel.BilevelProblem):
     def initial_inner(self, theta: Params, task: Task) -> Params:
         return theta
 
-    def solve_inner(self, theta: Params, task: Task, init: Params) -> Params:
-        """``inner_steps`` of gradient descent (no early exit), of Nesterov's method, or of
-        Armijo-safeguarded gradient descent."""
+    def inner_minimizer(self) -> Minimizer | None:
+        """The library inner solver of ``inner_optimizer``, or ``None`` for ``"gd"``/``"nesterov"``."""
+        if isinstance(self.inner_optimizer, Minimizer):
+            return self.inner_optimizer
+        if self.inner_optimizer in ("gd", "nesterov"):
+            return None
+        tolerance = {} if self.inner_tol is None else {"rtol": 0.0, "atol": self.inner_tol}
         if self.inner_optimizer == "armijo":
+            return Armijo(lr=self.inner_lr, maxiter=self.inner_steps, rtol=0.0, atol=self.inner_tol or 0.0)
+        return dataclasses.replace(get_minimizer(self.inner_optimizer), maxiter=self.inner_steps, **tolerance)
+
+    def inner_solve(self, theta: Params, task: Task, init: Params) -> MinimizeResult | None:
+        """The library solver's result on the inner objective (``prox_schedule="every_step"``),
+        else ``None``."""
+        minimizer = self.inner_minimizer()
+        if minimizer is None or self.prox_schedule != "every_step":
+            return None
+        return minimizer(lambda phi: self.inner_objective(phi, theta, task), init)
+
+    def solve_inner(self, theta: Params, task: Task, init: Params) -> Params:
+        """``inner_steps`` of gradient descent (no early exit) or of Nesterov's method, or the
+        library inner solver's solution."""
+        minimizer = self.inner_minimizer()
+        if minimizer is not None:
             if self.prox_schedule == "every_step":
-                return armijo_descent(lambda phi: self.inner_objective(phi, theta, task), init, self.inner_steps,
-                                      self.inner_lr, tol=self.inner_tol)
-            phi = armijo_descent(lambda phi: self.support_loss(phi, task), init, self.inner_steps,
-                                 self.inner_lr, tol=self.inner_tol)
-            return self._last_prox_step(phi, theta)
+                return self.inner_solve(theta, task, init).x
+            return self._last_prox_step(minimizer(lambda phi: self.support_loss(phi, task), init).x, theta)
         support_grad = torch.func.grad(self.support_loss)
 
         def direction(phi: Params) -> Params:
