@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu.sh OUT_DIR OMNIGLOT_DIR [PART ...]
 #
-# PART is any of: tests smoke memory bench4 bench32 chunking fair omniglot (default: all but omniglot).
+# PART is any of: tests smoke memory bench4 bench32 default chunking fair omniglot (default: all but omniglot).
 # OMNIGLOT_MINUTES (default 4) sets the wall-clock budget of the Omniglot run and
 # OMNIGLOT_ARGS adds options to it (e.g. "--prox-schedule last_step --damping 22").
 # Each part has its own time limit, so one failure does not stop the others.
@@ -11,7 +11,7 @@ set -u
 out=${1:?usage: gpu.sh OUT_DIR OMNIGLOT_DIR [PART ...]}
 data=${2:?usage: gpu.sh OUT_DIR OMNIGLOT_DIR [PART ...]}
 shift 2
-parts=${*:-tests smoke memory bench4 bench32 chunking fair}
+parts=${*:-tests smoke memory bench4 bench32 default chunking fair}
 root=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -28,9 +28,9 @@ for part in $parts; do
     fair)  # the transductive Communities comparison of docs/fair.md, on the GPU
       (cd "$root" && timeout 400 bilevel fair --dataset communities --k-shot 10 --constraint-set task --mu 0.001 \
          --delta 0.005 --c 0 0.05 0.2 --device cuda --no-progress --out "$out/fair_cc_task") > "$out/fair.log" 2>&1 ;;
-    bench4)  # time per meta-gradient against the peers, meta-batch 4
+    bench4)  # time per meta-gradient against the peers, meta-batch 4 (sinusoid-pd: the well-posed sinusoid)
       (cd "$root/benchmarks" &&
-       timeout 600 python3 hypergradient.py --device cuda --problems sinusoid conv --steps 5 80 --tasks 4 \
+       timeout 600 python3 hypergradient.py --device cuda --problems sinusoid-pd sinusoid conv --steps 5 80 --tasks 4 \
          --impls ours-implicit ours-implicit-graph torchopt-implicit jaxopt-implicit floor \
          --min-time 0.5 --max-time 3 --timeout 500 --out "$out/hg4.jsonl") > "$out/bench4.log" 2>&1 ;;
     bench32)  # meta-batch 32: vectorized against a loop over tasks, and torchopt
@@ -39,6 +39,10 @@ for part in $parts; do
          --impls ours-implicit ours-implicit-graph ours-implicit-loop torchopt-implicit \
          --min-time 0.5 --max-time 3 --timeout 280 --converged-max-tasks 0 --out "$out/hg32.jsonl") \
         > "$out/bench32.log" 2>&1 ;;
+    default)  # meta_gradient with its defaults against torchopt and the hand-written loop, operator products counted
+      (cd "$root/benchmarks" &&
+       timeout 400 python3 default_path.py --device cuda --problems conv sinusoid-pd sinusoid --min-time 1 \
+         --out "$out/default_path.jsonl") > "$out/default_path.log" 2>&1 ;;
     chunking)  # the meta-gradient by vmap chunk size, and one convolution layer vmapped against looped
       (cd "$root" && timeout 200 python3 benchmarks/chunking.py --device cuda --repeats 10 \
          --out "$out/chunking.jsonl") > "$out/chunking.log" 2>&1 ;;

@@ -1,7 +1,7 @@
 """Benchmark the iMAML meta-gradient: ours against torchopt, higher, jaxopt and plain torch.
 
 Every implementation computes the mean over a meta-batch of tasks of the iMAML
-meta-gradient of :mod:`_tasks` (sinusoid MLP, conv4): ``K`` inner gradient steps,
+meta-gradient of :mod:`_tasks` (sinusoid MLP, well-posed and ill-posed, and conv4): ``K`` inner gradient steps,
 then ``(I + H/lam)^{-1} grad L_test`` by exactly ``--cg`` CG steps from zero
 (implicit), or reverse mode through the ``K`` steps (unrolled MAML).
 
@@ -346,9 +346,15 @@ def _fmt(x: float | None, spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
 
+def _label(problem: str) -> str:
+    """The problem's name, marked when its inner problem is ill-posed (``H + lam I`` indefinite)."""
+    from _tasks import SPECS
+    return problem if SPECS[problem].well_posed else f"{problem} (ill-posed)"
+
+
 def table(rows: list[dict]) -> str:
     """Markdown: one line per run, with its time relative to torchopt's and the cost floor
-    (peak RSS in MiB, peak GPU memory in MiB)."""
+    (peak RSS in MiB, peak GPU memory in MiB); rows of an ill-posed problem are marked."""
     base = {(r["problem"], r["tasks"], r["steps"], r["impl"]): r.get("time_s") for r in rows}
     head = ("| problem | tasks | K | implementation | time / meta-grad | calls | x torchopt | x floor | first call "
             "| peak RSS | peak GPU | err vs same K | err vs converged | CG status |")
@@ -356,14 +362,14 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         key = (r["problem"], r["tasks"], r["steps"])
         if "error" in r:
-            lines.append(f"| {r['problem']} | {r['tasks']} | {r['steps']} | {r['impl']} | error: "
+            lines.append(f"| {_label(r['problem'])} | {r['tasks']} | {r['steps']} | {r['impl']} | error: "
                          f"{r['error']} |" + " |" * 9)
             continue
         torchopt, floor = base.get(key + ("torchopt-implicit",)), base.get(key + ("floor",))
         t = r["time_s"]
         status = ", ".join(f"{k} {v}" for k, v in sorted(r.get("solve_status", {}).items())) or "—"
         lines.append(
-            f"| {r['problem']} | {r['tasks']} | {r['steps']} | {r['impl']} | {_fmt_time(t)} | {r['calls']} "
+            f"| {_label(r['problem'])} | {r['tasks']} | {r['steps']} | {r['impl']} | {_fmt_time(t)} | {r['calls']} "
             f"| {_fmt(t / torchopt if torchopt else None, '.2f')} | {_fmt(t / floor if floor else None, '.2f')} "
             f"| {_fmt_time(r.get('first_s'))} | {_fmt(r.get('rss_peak_mib'), '.0f')} "
             f"| {_fmt(r.get('gpu_peak_mib'), '.0f')} | {_fmt(r.get('err_same_k'), '.1e')} "
@@ -387,7 +393,7 @@ def summary(rows: list[dict]) -> list[str]:
         loop = by.get((problem, tasks, steps, "ours-implicit-loop"))
         if loop:
             parts.append(f"loop over tasks {loop['time_s'] / r['time_s']:.2f}x slower")
-        out.append(f"{problem} tasks={tasks} K={steps} {impl}: " + ", ".join(parts))
+        out.append(f"{_label(problem)} tasks={tasks} K={steps} {impl}: " + ", ".join(parts))
     return out
 
 
@@ -406,7 +412,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true",
                         help="CI size: sinusoid, K=5, 4 tasks, ours + hand-written torch + floor, 0.3 s per run")
-    parser.add_argument("--problems", nargs="+", default=["sinusoid", "conv"], choices=["sinusoid", "conv"])
+    parser.add_argument("--problems", nargs="+", default=["sinusoid-pd", "sinusoid", "conv"],
+                        choices=["sinusoid", "sinusoid-pd", "conv"])
     parser.add_argument("--steps", nargs="+", type=int, default=[5, 10, 20, 40, 80], help="inner steps K")
     parser.add_argument("--tasks", nargs="+", type=int, default=[4], help="meta-batch sizes")
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))

@@ -36,7 +36,7 @@ def test_quick_run_interleaves_implementations_in_one_process(tmp_path):
     assert "err_same_k" not in floor  # the floor times separate calls; it has no gradient to check
     assert floor["time_s"] > 5 * floor["grad_s"] > 0
     table = out.with_suffix(".md").read_text()
-    assert table.count("| sinusoid | 4 | 5 |") == 2 and "ours-implicit: " in table and "x floor" in table
+    assert table.count("| sinusoid (ill-posed) | 4 | 5 |") == 2 and "ours-implicit: " in table and "x floor" in table
 
 
 def test_isolated_run_reports_peak_memory(tmp_path):
@@ -98,3 +98,20 @@ def test_chunking_rows_agree_and_measure_memory(tmp_path):
     assert {r["op"] for r in rows if r["part"] == "conv_layer"} == {"forward", "gradient", "hvp"}
     with pytest.raises(SystemExit):
         chunking.main(["--variants", "0"])
+
+
+def test_default_path_times_ours_beside_an_earlier_revision_and_marks_ill_posed_rows(tmp_path):
+    import default_path
+
+    out = tmp_path / "default_path.jsonl"
+    rows = default_path.main(["--problems", "sinusoid-pd", "sinusoid", "--impls", "ours", "hand", "--before", "HEAD",
+                              "--min-time", "0.01", "--min-rounds", "2", "--out", str(out)])
+    assert [(r["problem"], r["impl"]) for r in rows] == [(p, i) for p in ("sinusoid-pd", "sinusoid")
+                                                         for i in ("ours", "hand", "before")]
+    ours, hand, before = rows[:3]
+    assert ours["calls"] == hand["calls"] == before["calls"] >= 2  # interleaved: the same number of calls
+    assert ours["products_per_solve"] == before["products_per_solve"] == 6  # 5 CG products + the closing one
+    assert hand["products_per_solve"] is None and hand["x_hand"] == 1.0 and hand["diff_vs_hand"] == 0.0
+    assert ours["well_posed"] and ours["diff_vs_hand"] < 1e-4  # positive definite: the same answer
+    table = out.with_suffix(".md").read_text()
+    assert "| sinusoid-pd | 5 | ours |" in table and "| sinusoid (ill-posed) | 5 | ours |" in table
