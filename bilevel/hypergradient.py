@@ -111,12 +111,13 @@ def hypergradient(
         adjoint_x0: initial guess of the adjoint solve (``"implicit"`` mode), a flat
             vector like ``result.solve.x``: warm-start with the previous outer step's
             adjoint solution (as HOAG does; Pedregosa, ICML 2016).
-        on_failure: what a non-converged adjoint solve or an inner residual above
-            ``problem.residual_tol`` does: ``"warn"`` (default), ``"raise"``
-            (:class:`~bilevel.ConvergenceError`) or ``"ignore"``. NaN or Inf always
-            raises :class:`~bilevel.NonFiniteError`. Under ``torch.func.vmap`` these
-            checks cannot read tensor values: call :func:`check_result` on the
-            vmapped result.
+        on_failure: what a non-converged adjoint solve, a diverged inner solve or an inner
+            residual above ``problem.residual_tol`` does: ``"warn"`` (default, once per
+            call), ``"raise"`` (:class:`~bilevel.ConvergenceError`) or ``"ignore"``. NaN or
+            Inf always raises :class:`~bilevel.NonFiniteError`. Under ``torch.func``
+            transforms (``vmap``, ``jacrev``, ...) the values are read beneath the wrappers;
+            where none can be read (``torch.compile`` tracing, CUDA-graph capture) the
+            failed systems' gradients are NaN (:func:`check_result`).
         linearization: how each adjoint matvec differentiates the optimality condition
             (``"implicit"`` mode): ``"auto"`` (default) through a retained autograd graph
             (the double-backward Hessian-vector product) where values are readable
@@ -190,7 +191,7 @@ def check_result(result: HypergradientResult, *, on_failure: OnFailure = "warn",
     seen = host_view(result)
     if seen is None:
         failed = failed_systems(None if result.solve is None else result.solve.status, result.inner_residual,
-                                residual_tol)
+                                residual_tol, None if result.inner_solve is None else result.inner_solve.status)
         if on_failure == "ignore" or failed is None:
             return result
         return dataclasses.replace(result, grad=nan_where_failed(result.grad, failed))

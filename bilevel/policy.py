@@ -224,14 +224,18 @@ def host_view(tree: PyTree) -> PyTree | None:
     return pytree.tree_unflatten(out, spec)
 
 
-def failed_systems(status: Tensor | None, residual: Tensor | None, residual_tol: float | None) -> Tensor | None:
+def failed_systems(status: Tensor | None, residual: Tensor | None, residual_tol: float | None,
+                   inner_status: Tensor | None = None) -> Tensor | None:
     """Per system, with tensor operations only (no host read): the solve (``status``) did not
-    converge, or the optimality residual is above ``residual_tol`` or not finite; ``None``
-    when there is nothing to decide on."""
+    converge, the optimality residual is above ``residual_tol`` or not finite, or the inner
+    solve (``inner_status``) diverged or met NaN; ``None`` when there is nothing to decide on."""
     failed = None if status is None else status != int(Status.CONVERGED)
     if residual is not None and residual_tol is not None:
         above = ~(residual <= residual_tol)
         failed = above if failed is None else failed | above
+    if inner_status is not None:
+        broken = (inner_status == int(MinimizeStatus.DIVERGED)) | (inner_status == int(MinimizeStatus.NONFINITE))
+        failed = broken if failed is None else failed | broken
     return failed
 
 
