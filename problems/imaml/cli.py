@@ -77,8 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="armijo, lbfgs, newton_cg: a task whose inner gradient norm is at most this is solved "
                         "and stops (default 1e-3 sinusoid)")
     p.add_argument("--activation", choices=ACTIVATIONS, default=defaults.activation,
-                   help="the network's nonlinearity: relu (the papers') or a smooth one, silu or softplus, "
-                        "with which the proximal inner problem is solvable to a small gradient")
+                   help="the network's nonlinearity: relu (the papers', the Omniglot default) or a smooth one, "
+                        "silu (the sinusoid default) or softplus, with which the proximal inner problem is "
+                        "solvable to a small gradient")
     p.add_argument("--prox-schedule", choices=("every_step", "last_step"), default=defaults.prox_schedule,
                    help="proximal term in every inner step (the formula) or one proximal step after plain steps "
                         "on the support loss (the paper's reference code); default: --variant's")
