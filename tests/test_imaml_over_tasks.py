@@ -115,3 +115,28 @@ def test_a_nan_task_comes_back_as_nan_from_the_loop_as_from_vmap():
     vmapped = meta_gradient(problem, theta, tasks, over_tasks="vmap")
     assert torch.isnan(looped.query_loss[1]) and torch.isfinite(looped.query_loss[[0, 2]]).all()
     assert_same(looped, vmapped)
+
+
+@pytest.mark.parametrize("over_tasks", ["vmap", "loop"])
+def test_the_default_path_costs_a_fixed_number_of_products_per_solve_and_one_pass_over_the_queries(
+        over_tasks, monkeypatch):
+    """Its checks (true residual, symmetry, singularity, relative residual) are paid per solve: 5 CG
+    products and the closing one, and the queries are seen once per task (by the outer gradient)."""
+    from bilevel.adjoint import AdjointOperator
+
+    query_passes = []
+
+    def forward(params, x):
+        if x.shape[-2] == 7:  # the query set
+            query_passes.append(1)
+        return mlp_forward(params, x)
+
+    products, solves = [], []
+    apply, init = AdjointOperator.__call__, AdjointOperator.__init__
+    monkeypatch.setattr(AdjointOperator, "__call__", lambda self, v: products.append(1) or apply(self, v))
+    monkeypatch.setattr(AdjointOperator, "__init__", lambda self, *a, **k: solves.append(1) or init(self, *a, **k))
+    problem = IMAMLProblem(forward, mse, lam=10.0, inner_lr=0.02, inner_steps=3)
+    tasks = Task(*(t.double() for t in SinusoidTasks(shots=5, queries=7).sample(np.random.default_rng(0), 3)))
+    meta_gradient(problem, small_mlp(), tasks, solver=CG(maxiter=5, rtol=0.0), over_tasks=over_tasks)
+    assert len(products) == 6 * len(solves) and len(solves) == (1 if over_tasks == "vmap" else 3)
+    assert len(query_passes) == len(solves)  # under vmap one pass serves every task
