@@ -290,7 +290,11 @@ def _choose_way(problem: IMAMLProblem, theta: Params, tasks: Task, mode: str, so
     key = (mode, repr(solver), torch.get_num_threads(),
            tuple((name, tuple(t.shape), t.dtype) for name, t in theta.items()),
            tuple((tuple(t.shape), t.dtype) for t in tasks))
-    times = _TIMINGS.setdefault(problem, {}).setdefault(key, {"vmap": [], "loop": []})
+    try:
+        per_problem = _TIMINGS.setdefault(problem, {})
+    except TypeError:  # a problem that cannot be weakly referenced or hashed keeps no timings
+        return "vmap", None
+    times = per_problem.setdefault(key, {"vmap": [], "loop": []})
     if len(times["loop"]) < _TRIALS:
         way = "vmap" if len(times["vmap"]) <= len(times["loop"]) else "loop"
         return way, times[way]
