@@ -77,11 +77,15 @@ sphinx_gallery_conf = {
 API_MODULES = {
     "bilevel": "the core: problems, hypergradients, implicit differentiation, errors",
     "bilevel.solvers": "linear solvers and their results",
+    "bilevel.solvers.minimize": "inner solvers (minimizers) and their results",
     "bilevel.testing": "gradient checks of a problem's hypergradient",
     "bilevel.testing.strategies": "hypothesis strategies: random bilevel problems with known answers",
-    "bilevel.datadir": "where the real data sets are read from",
-    "bilevel.devices": "the ``--device`` setting",
-    "bilevel.checkpoint": "checkpoints safe to stop and restart",
+    "bilevel.runner": "the run machinery of the training commands",
+    "bilevel.runner.loop": "the one run loop and the protocol an instance implements",
+    "bilevel.runner.flags": "the flags every training command shares",
+    "bilevel.runner.datadir": "where the real data sets are read from",
+    "bilevel.runner.devices": "the ``--device`` setting",
+    "bilevel.runner.checkpoint": "checkpoints safe to stop and restart",
 }
 
 
