@@ -11,8 +11,10 @@ products in one graph; the first call compiles, in a time that grows with K),
 grow with K: ``chunk`` vmapped inner steps, called ``K / chunk`` times, then the
 implicit hypergradient at the K-th iterate), ``"implicit-loop"`` (one task at a
 time), ``"implicit-compiled-loop"`` (one task at a time, each call compiled by
-``torch.compile``; one compilation serves every task) and ``"unrolled"`` (vmapped
-reverse mode through the ``K`` steps).
+``torch.compile``; one compilation serves every task), ``"implicit-compiled-pieces"``
+(one inner step, one operator application and the outer gradients compiled apart, the
+library's CG eager between them) and ``"unrolled"`` (vmapped reverse mode through the
+``K`` steps).
 """
 
 from __future__ import annotations
@@ -109,6 +111,8 @@ def make(mode: str, problem: str, theta: tuple[Tensor, ...], data: tuple[Tensor,
             return tuple(g.mean(0) for g in result.grad)
 
         return call
+    if mode == "implicit-compiled-pieces":
+        return _compiled_pieces(prob, theta, data, steps, solver)
     if mode in ("implicit-loop", "implicit-compiled-loop"):
         tasks = data[0].shape[0]
         per_task = torch.compile(one_task, fullgraph=True) if mode == "implicit-compiled-loop" else one_task
@@ -125,6 +129,55 @@ def make(mode: str, problem: str, theta: tuple[Tensor, ...], data: tuple[Tensor,
         return call
     raise ValueError(f"unknown mode {mode!r} for ours: implicit, implicit-graph, implicit-compiled, "
                      "implicit-compiled-steps, implicit-loop, implicit-compiled-loop or unrolled")
+
+
+def _compiled_pieces(prob: ImamlProblem, theta: tuple[Tensor, ...], data: tuple[Tensor, ...], steps: int,
+                     solver: CG):
+    """The implicit meta-gradient from three compiled pieces whose graphs depend neither on K nor on
+    the CG iterations: one vmapped inner step (called K times), one vmapped application of the
+    adjoint operator with its cross term (``torch.func.vjp`` of the optimality condition, called
+    once per CG iteration and once at the solution) and the vmapped outer gradients; the library's
+    CG runs eagerly on the compiled operator. Assembled from the public solver and ``torch.func``,
+    not through ``bilevel.hypergradient``, which has no hook for a compiled operator."""
+    sizes, shapes = [t.numel() for t in theta], [t.shape for t in theta]
+
+    def flat(tree) -> Tensor:
+        return torch.cat([t.reshape(-1) for t in tree])
+
+    def unflat(v: Tensor) -> tuple[Tensor, ...]:
+        return tuple(c.view(shape) for c, shape in zip(v.split(sizes), shapes))
+
+    def step(phi, task):
+        return prob.inner_update(phi, theta, task)
+
+    def apply(phi, task, v):  # ((d_phi G)^T v, (d_theta G)^T v)
+        _, vjp_fn = torch.func.vjp(lambda p, t: prob.optimality(p, t, task), phi, theta)
+        to_phi, to_theta = vjp_fn(unflat(v))
+        return flat(to_phi), to_theta
+
+    def outer_grads(phi, task):
+        return torch.func.grad(prob.outer_objective, argnums=(0, 1))(phi, theta, task)
+
+    compiled = {name: torch.compile(torch.func.vmap(fn, in_dims=dims), fullgraph=True)
+                for name, fn, dims in (("step", step, (0, 0)), ("apply", apply, (0, 0, 0)),
+                                       ("outer", outer_grads, (0, 0)))}
+    tasks = data[0].shape[0]
+    start = tuple(t.expand(tasks, *t.shape).clone() for t in theta)
+
+    def flat_batched(tree) -> Tensor:
+        return torch.cat([t.reshape(t.shape[0], -1) for t in tree], dim=1)
+
+    def call():
+        phi = start
+        for _ in range(steps):
+            phi = compiled["step"](phi, data)
+        d_phi, d_theta = compiled["outer"](phi, data)
+        result = solver(lambda v: compiled["apply"](phi, data, v)[0], flat_batched(d_phi))
+        _, cross = compiled["apply"](phi, data, result.x)
+        call.solve = result
+        return tuple((direct - indirect).mean(0) for direct, indirect in zip(d_theta, cross))
+
+    return call
 
 
 def cost_floor(problem: str, theta, data, steps: int, cg_steps: int):

@@ -20,7 +20,9 @@ Implementations:
   ``ours-implicit-compiled``: the same compiled whole by ``torch.compile`` (its first
   call is the compilation); ``ours-implicit-compiled-steps``: compiled in two pieces
   (``--compile-chunk`` inner steps, called K / chunk times, and the implicit part), so
-  the compilation does not grow with K;
+  the compilation does not grow with K; ``ours-implicit-compiled-pieces``: one inner step,
+  one operator application and the outer gradients compiled apart, the library's CG eager
+  on the compiled operator (neither graph grows with K or the CG iterations);
   ``ours-implicit-loop``: a Python loop over tasks; ``ours-implicit-compiled-loop``: that
   loop with each task's hypergradient compiled (one compilation for all tasks); ``ours-unrolled``:
   ``mode="unrolled"``, vmapped;
@@ -72,6 +74,7 @@ IMPLS = {  # name -> (kind, module the implementation needs)
     "ours-implicit-graph": ("implicit", "bilevel"),
     "ours-implicit-compiled": ("implicit", "bilevel"),
     "ours-implicit-compiled-steps": ("implicit", "bilevel"),
+    "ours-implicit-compiled-pieces": ("implicit", "bilevel"),
     "ours-implicit-loop": ("implicit", "bilevel"),
     "ours-implicit-compiled-loop": ("implicit", "bilevel"),
     "ours-unrolled": ("unrolled", "bilevel"),
@@ -383,7 +386,7 @@ def summary(rows: list[dict]) -> list[str]:
     out = []
     for (problem, tasks, steps, impl), r in sorted(by.items()):
         if impl not in ("ours-implicit", "ours-implicit-graph", "ours-implicit-compiled",
-                        "ours-implicit-compiled-steps"):
+                        "ours-implicit-compiled-steps", "ours-implicit-compiled-pieces"):
             continue
         parts = []
         for other in ("torchopt-implicit", "jaxopt-implicit", "floor"):
