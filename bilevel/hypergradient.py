@@ -35,6 +35,7 @@ from bilevel.policy import (CallPolicy, OnFailure, caller_stacklevel, failed_sys
                             inner_residual_failure, inner_solve_failure, nan_where_failed, require_finite,
                             solve_failure, validate_on_failure)
 from bilevel.problem import BilevelProblem, checked_condition, scalar_objective
+from bilevel.validation import arguments_named
 from bilevel.pytree import (PyTree, check_devices_and_dtypes, check_parameters, check_same_structure, ravel,
                             tree_leaves, tree_map, tree_norm)
 from bilevel.solvers import CG, LinearSolver, SolveResult, get_solver
@@ -158,14 +159,15 @@ def hypergradient(
                            f"{type(problem).__name__}.initial_inner(outer, data) or pass init=...")
 
     d_inner = None
-    if mode == "implicit":
-        if solver is None:
-            solver = CG(rtol=default_rtol(_dtype_of(outer)))
-        result = _implicit(problem, outer, data, init, get_solver(solver), adjoint_x0, linearization)
-    elif mode == "first_order":
-        result, d_inner = _first_order(problem, outer, data, init)
-    else:
-        result = _unrolled(problem, outer, data, init, truncate if mode == "truncated" else None)
+    if mode == "implicit" and solver is None:
+        solver = CG(rtol=default_rtol(_dtype_of(outer)))
+    with arguments_named(problem, outer, data, init):
+        if mode == "implicit":
+            result = _implicit(problem, outer, data, init, get_solver(solver), adjoint_x0, linearization)
+        elif mode == "first_order":
+            result, d_inner = _first_order(problem, outer, data, init)
+        else:
+            result = _unrolled(problem, outer, data, init, truncate if mode == "truncated" else None)
 
     deferred = host_checks_deferred(outer, data, result.outer_loss)
     if not (deferred and on_failure == "ignore"):  # beneath vmap too, where "ignore" reads nothing
