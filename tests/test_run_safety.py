@@ -1,10 +1,16 @@
-"""Runs that are safe to stop, restart and repeat, for ``bilevel imaml``, ``hyperopt`` and ``fair``.
+"""Runs that are safe to stop, restart and repeat, for every training command (``bilevel imaml``,
+``hyperopt``, ``fair``, ``prox``, ``nested``).
 
 Fault injection: each command is killed with SIGKILL in a subprocess, at a
 seeded random file operation on its output folder (a checkpoint or log write
 torn half-way, or the moment before a rename or link) or after a seeded random
 delay, then resumed with ``--resume`` and no other flag; it must end exactly as
-an uninterrupted run. Damaged checkpoints (a flipped byte, truncated, empty,
+an uninterrupted run. Preemption: SIGTERM or SIGINT at a seeded random moment
+must end the run with a checkpoint of its last step, one line saying how to
+resume and the status ``128 + signum``, and ``--resume`` must end exactly as an
+uninterrupted run; a second SIGINT ends it at once. One run per output folder:
+a folder whose lock a live process holds is refused, naming that process, and a
+dead process's lock is taken over. Damaged checkpoints (a flipped byte, truncated, empty,
 not a checkpoint) must give one clear line naming the file and the way out,
 and the previous checkpoint kept beside them must let the run finish. Also:
 refused re-runs, ``--overwrite``, bad counts, settings restored on resume, and
@@ -13,7 +19,7 @@ damaged data archives.
 ``BILEVEL_KILL_POINTS`` sets the kills per command (default 2: one at a file
 operation, one after a delay); the figures in docs/reliability.md come
 from a larger value. This file doubles as the subprocess that gets killed:
-``python tests/test_run_safety.py <event|timer> <value> <folder> <bilevel argv...>``.
+``python tests/test_run_safety.py <event|timer|signal> <value> <folder> <bilevel argv...>``.
 """
 
 from __future__ import annotations
@@ -65,9 +71,9 @@ class FaultPoints:
     """
 
     def __init__(self, folder: Path, *, kill_at: int | None = None, tear: float = 0.5,
-                 delay: float | None = None) -> None:
+                 delay: float | None = None, signals: tuple[int, ...] = (signal.SIGKILL,)) -> None:
         self.folder = os.path.abspath(folder)
-        self.kill_at, self.tear, self.delay = kill_at, tear, delay
+        self.kill_at, self.tear, self.delay, self.signals = kill_at, tear, delay, signals
         self.count = 0
         self.first: float | None = None
         self.real = {name: getattr(os, name) for name in ("fsync", "replace", "link")}
@@ -87,13 +93,19 @@ class FaultPoints:
         if self.count == 1:
             self.first = time.perf_counter()
             if self.delay is not None:
-                timer = threading.Timer(self.delay, os.kill, (os.getpid(), signal.SIGKILL))
+                timer = threading.Timer(self.delay, self._send)
                 timer.daemon = True
                 timer.start()
         if self.count == self.kill_at:
             if fd is not None and stat.S_ISREG(os.fstat(fd).st_mode):
                 os.ftruncate(fd, int(os.fstat(fd).st_size * self.tear))
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def _send(self) -> None:
+        for number, signum in enumerate(self.signals):
+            if number:
+                time.sleep(0.05)
+            os.kill(os.getpid(), signum)
 
     def _fsync(self, fd: int) -> None:
         self._event(os.readlink(f"/proc/self/fd/{fd}"), fd)
@@ -109,19 +121,24 @@ class FaultPoints:
 
 
 def _driver(argv: list[str]) -> int:
-    """The killed subprocess: ``<event|timer> <operation number | delay> <folder> <bilevel argv...>``."""
+    """The killed subprocess: ``<event|timer|signal> <operation number | delay | signals:delay> <folder>
+    <bilevel argv...>``; ``signals`` such as ``TERM`` or ``INT+INT`` (sent 0.05 s apart)."""
     mode, value, folder, *command = argv
     torch.set_num_threads(int(os.environ["BILEVEL_TEST_THREADS"]))  # the same arithmetic as the parent's
     if mode == "event":
         number, tear = value.split(":")
         points = FaultPoints(Path(folder), kill_at=int(number), tear=float(tear))
+    elif mode == "signal":
+        names, delay = value.split(":")
+        signals = tuple(getattr(signal, f"SIG{name}") for name in names.split("+"))
+        points = FaultPoints(Path(folder), delay=float(delay), signals=signals)
     else:
         points = FaultPoints(Path(folder), delay=float(value))
     points.install(setattr)
     return main(command)
 
 
-# ---------------------------------------------------------------- the three commands
+# ---------------------------------------------------------------- the five commands
 
 
 def _without(record: dict, *keys: str) -> dict:
@@ -146,18 +163,33 @@ def _imaml_outcome(out: Path) -> dict:
 
 
 def _hyperopt_outcome(out: Path) -> dict:
-    summary = json.loads((out / "summary.json").read_text())
+    final = json.loads((out / "final.json").read_text())
     state = checkpoint.load(out / "checkpoint.pt")
-    return {"final": _without(summary["final"], "time"), "selected": _without(summary["selected"], "time"),
+    return {"final": _without(final["final"], "time"), "selected": _without(final["selected"], "time"),
             "metrics": [_without(r, "time") for r in read_records(out / "metrics.jsonl")],
-            "state": state["state"], "records": [_without(r, "time") for r in state["records"]]}
+            "state": state["state"]["state"], "step": state["step"]}
 
 
 def _fair_outcome(out: Path) -> dict:
-    runs = ("fair_c0.05", "pdfm_c0.05")
-    return {"results": read_records(out / "results.jsonl"),
-            "logs": {r: [_without(x, "seconds") for x in read_records(out / f"{r}.jsonl")] for r in runs},
-            "states": {r: checkpoint.load(out / f"{r}.pt") for r in runs}}
+    state = checkpoint.load(out / "checkpoint.pt")
+    return {"results": json.loads((out / "final.json").read_text())["results"],
+            "logs": [_without(x, "seconds") for x in read_records(out / "metrics.jsonl")],
+            "state": state["state"], "step": state["step"]}
+
+
+def _prox_outcome(out: Path) -> dict:
+    final = json.loads((out / "final.json").read_text())
+    state = checkpoint.load(out / "checkpoint.pt")
+    return {"final": _without(final, "seconds"), "metrics": [_without(r, "time") for r in read_records(
+        out / "metrics.jsonl")], "state": _without(state["state"], "elapsed"), "step": state["step"]}
+
+
+def _nested_outcome(out: Path) -> dict:
+    final = json.loads((out / "final.json").read_text())
+    state = checkpoint.load(out / "checkpoint.pt")
+    return {"final": _without(final, "seconds", "peak_mib"),
+            "metrics": [_without(r, "seconds") for r in read_records(out / "metrics.jsonl")],
+            "state": _without(state["state"], "elapsed"), "step": state["step"]}
 
 
 @dataclass(frozen=True)
@@ -173,14 +205,14 @@ COMMANDS = {
     "imaml": Command(
         "imaml",
         lambda out, data: ["imaml", "--steps", "4", "--meta-batch", "2", "--inner-steps", "2", "--inner-optimizer",
-                           "gd", "--cg-steps", "2", "--log-every", "1", "--eval-every", "2", "--checkpoint-every", "1",
+                           "gd", "--solver-maxiter", "2", "--log-every", "1", "--eval-every", "2", "--checkpoint-every", "1",
                            "--eval-tasks", "2", "--final-tasks", "2", "--seed", "3", "--baseline", "none",
                            "--no-progress", "--out-dir", str(out)],
         lambda out: ["imaml", "--out-dir", str(out), "--resume"], "checkpoint.pt", _imaml_outcome),
     "hyperopt": Command(
         "hyperopt",
-        lambda out, data: ["hyperopt", "l2", "--dataset", "german", "--data-dir", str(data), "--n-train", "150",
-                           "--n-val", "100", "--n-test", "100", "--steps", "4", "--checkpoint-every", "1",
+        lambda out, data: ["hyperopt", "l2", "--dataset", "wine", "--data-dir", str(data), "--n-train", "80",
+                           "--n-val", "50", "--n-test", "48", "--steps", "4", "--checkpoint-every", "1",
                            "--seed", "3", "--no-progress", "--no-plot", "--out-dir", str(out)],
         lambda out: ["hyperopt", "l2", "--out-dir", str(out), "--resume"], "checkpoint.pt", _hyperopt_outcome),
     "fair": Command(
@@ -189,7 +221,21 @@ COMMANDS = {
                            "--c", "0.05", "--steps", "4", "--checkpoint-every", "2", "--meta-batch", "2",
                            "--episodes", "2", "--test-fraction", "0.1", "--newton-steps", "8", "--seed", "3",
                            "--no-progress", "--out-dir", str(out)],
-        lambda out: ["fair", "--out-dir", str(out), "--resume"], "run.pt", _fair_outcome),
+        lambda out: ["fair", "--out-dir", str(out), "--resume"], "checkpoint.pt", _fair_outcome),
+    "prox": Command(
+        "prox",
+        lambda out, data: ["prox", "--size", "12", "--n-train", "2", "--n-test", "2", "--grid", "3", "--filters",
+                           "tv", "--steps", "4", "--checkpoint-every", "1", "--differentiation", "pg", "--seed", "3",
+                           "--no-progress", "--device", "cpu", "--out-dir", str(out)],
+        lambda out: ["prox", "--out-dir", str(out), "--resume"], "checkpoint.pt", _prox_outcome),
+    "nested": Command(
+        "nested",
+        lambda out, data: ["nested", "--train-tasks", "4", "--val-tasks", "2", "--test-tasks", "4", "--shots", "3",
+                           "--queries", "3", "--inner-steps", "2", "--solver-maxiter", "2", "--weight-every", "2",
+                           "--weight-start", "0", "--outer-solver-steps", "2", "--steps", "4", "--log-every", "1",
+                           "--checkpoint-every", "1", "--seed", "3", "--no-progress", "--device", "cpu",
+                           "--out-dir", str(out)],
+        lambda out: ["nested", "--out-dir", str(out), "--resume"], "checkpoint.pt", _nested_outcome),
 }
 
 
@@ -241,13 +287,17 @@ def _error_line(capsys, name: str) -> str:
 def test_a_finished_run_is_refused_and_overwrite_starts_it_over(name, reference, shared_data, tmp_path, capsys):
     ref = reference(name)
     out = _copy(ref, tmp_path)
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def files() -> dict:  # the lock file holds the pid of the run that last took it
+        return {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "run.lock"}
+
+    before = files()
     argv = COMMANDS[name].fresh(out, shared_data)
     capsys.readouterr()
     assert main(argv) == 2
     err = _error_line(capsys, name)
     assert f"{out} already holds a run" in err and "--resume" in err and "--overwrite" in err
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+    assert files() == before  # nothing touched
     (out / "notes.txt").write_text("mine")
     (out / COMMANDS[name].checkpoint).write_bytes(b"")  # even a damaged run is overwritten
     assert main([*argv, "--overwrite"]) == 0
@@ -327,10 +377,10 @@ def test_hyperopt_resume_compares_only_the_flags_given(reference, tmp_path, caps
     assert "--seed 0 (the run has 3)" in _error_line(capsys, "hyperopt")
     assert main(["hyperopt", "cleaning", "--out-dir", str(out), "--resume"]) == 2
     assert "task 'cleaning' (the run has 'l2')" in _error_line(capsys, "hyperopt")
-    assert main(["hyperopt", "l2", "--out-dir", str(out), "--resume", "--steps", "5", "--n-train", "150"]) == 0
+    assert main(["hyperopt", "l2", "--out-dir", str(out), "--resume", "--steps", "5", "--n-train", "80"]) == 0
     rows = read_records(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(6))
-    assert json.loads((out / "summary.json").read_text())["settings"]["seed"] == 3
+    assert json.loads((out / "final.json").read_text())["config"]["seed"] == 3
 
 
 def test_fair_resume_compares_only_the_flags_given(reference, tmp_path, capsys):
@@ -339,7 +389,7 @@ def test_fair_resume_compares_only_the_flags_given(reference, tmp_path, capsys):
     assert main(["fair", "--out-dir", str(out), "--resume", "--steps", "8"]) == 2  # results so far used 4 steps
     assert "--steps 8 (the run has 4)" in _error_line(capsys, "fair")
     assert main(["fair", "--out-dir", str(out), "--resume", "--c", "0.05", "--device", "cpu"]) == 0
-    assert read_records(out / "results.jsonl") == reference("fair").outcome["results"]
+    assert json.loads((out / "final.json").read_text())["results"] == reference("fair").outcome["results"]
 
 
 # ---------------------------------------------------------------- item 8: damaged checkpoints
@@ -371,12 +421,7 @@ DAMAGES = {"byte-flipped": (_flip, r"is damaged: the SHA-256"), "truncated": (_t
 def test_damaged_checkpoints_are_named_and_the_previous_one_finishes_the_run(name, reference, tmp_path, capsys):
     ref = reference(name)
     out = _copy(ref, tmp_path)
-    if name == "fair":  # the last run of the comparison was killed before its result was written
-        results = read_records(out / "results.jsonl")
-        (out / "results.jsonl").write_text(json.dumps(results[0]) + "\n")
-        damaged = out / "pdfm_c0.05.pt"
-    else:
-        damaged = out / "checkpoint.pt"
+    damaged = out / "checkpoint.pt"
     good = damaged.read_bytes()
     rng = random.Random(f"damage-{name}")
     capsys.readouterr()
@@ -391,15 +436,6 @@ def test_damaged_checkpoints_are_named_and_the_previous_one_finishes_the_run(nam
     _flip(damaged, rng)
     assert main([*COMMANDS[name].resume(out)[:-1], "--resume", "previous"]) == 0
     assert _tensors_equal(COMMANDS[name].outcome(out), ref.outcome)
-
-
-def test_fair_settings_file_damaged_names_it_and_the_way_out(reference, tmp_path, capsys):
-    out = _copy(reference("fair"), tmp_path)
-    _flip(out / "run.pt", random.Random(0))
-    capsys.readouterr()
-    assert main(["fair", "--out-dir", str(out), "--resume"]) == 2
-    err = _error_line(capsys, "fair")
-    assert f"checkpoint {out / 'run.pt'} is damaged" in err and "start over with --overwrite" in err
 
 
 # ---------------------------------------------------------------- kill -9 at random moments, then --resume
@@ -432,6 +468,103 @@ def test_killed_at_a_random_moment_resume_ends_as_an_uninterrupted_run(name, poi
     assert main(command.resume(out) if resumable else command.fresh(out, shared_data)) == 0
     assert _tensors_equal(command.outcome(out), ref.outcome)
     assert not list(out.glob("*.tmp"))
+
+
+# ---------------------------------------------------------------- SIGTERM and SIGINT at random moments, then --resume
+
+
+def _drive(how: str, out: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BILEVEL_TEST_THREADS": str(torch.get_num_threads()), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, __file__, "signal", how, str(out), *argv], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("signame", ["TERM", "INT"])
+@pytest.mark.parametrize("name", COMMANDS)
+def test_preempted_at_a_random_moment_checkpoints_says_how_to_resume_and_resume_ends_as_uninterrupted(
+        name, signame, reference, shared_data, tmp_path):
+    ref = reference(name)
+    command = COMMANDS[name]
+    delay = random.Random(f"preempt-{name}-{signame}").uniform(0, 0.5 * ref.seconds)  # mostly before the end
+    out = tmp_path / "run"
+    began = time.perf_counter()
+    stopped = _drive(f"{signame}:{delay:.3f}", out, command.fresh(out, shared_data))
+    signum = getattr(signal, f"SIG{signame}")
+    print(f"{name}: SIG{signame} after {delay:.3f} s: exit {stopped.returncode}")  # shown with pytest -rP
+    if stopped.returncode == 0:  # the run ended before the signal came
+        assert _tensors_equal(command.outcome(out), ref.outcome)
+        return
+    assert stopped.returncode == 128 + signum, stopped.stderr[-2000:]
+    assert time.perf_counter() - began < 60
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"bilevel {name}: SIG{signame}: the run in {out} stopped at step "), last
+    assert f"--out-dir {out} --resume" in last and "Traceback" not in stopped.stderr
+    step = int(re.search(r"stopped at step (\d+)", last).group(1))
+    assert checkpoint.load(out / command.checkpoint)["step"] == step  # the last completed step, not an older one
+    assert main(command.resume(out)) == 0
+    assert _tensors_equal(command.outcome(out), ref.outcome)
+    assert not list(out.glob("*.tmp"))
+
+
+def test_a_second_interrupt_stops_at_once_and_the_checkpoint_on_disk_resumes(reference, shared_data, tmp_path):
+    ref = reference("imaml")
+    command = COMMANDS["imaml"]
+    out = tmp_path / "run"
+    stopped = _drive(f"INT+INT:{ref.seconds / 3:.3f}", out, command.fresh(out, shared_data))
+    if stopped.returncode == 0:  # both came after the end
+        return
+    assert stopped.returncode == 128 + signal.SIGINT, stopped.stderr[-2000:]
+    assert "stopped at once (second interrupt)" in stopped.stderr or "--resume" in stopped.stderr
+    assert main(command.resume(out)) == 0
+    assert _tensors_equal(command.outcome(out), ref.outcome)
+
+
+# ---------------------------------------------------------------- one run per output folder
+
+
+def _holder(folder: Path) -> subprocess.Popen:
+    """Another process holding ``folder``'s lock until it is killed."""
+    code = ("import sys, time; from bilevel.runner.lock import OutputLock; OutputLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_folder_held_by_a_live_run_is_refused_naming_it_and_a_dead_ones_lock_is_taken_over(
+        reference, shared_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = _holder(out)
+    try:
+        capsys.readouterr()
+        assert main(COMMANDS["prox"].fresh(out, shared_data)) == 2
+        err = _error_line(capsys, "prox")
+        assert f"is in use by another run (process {holder.pid} holds" in err
+        assert not (out / "checkpoint.pt").exists()  # refused before anything was written
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays, naming a dead process
+        holder.wait()
+    assert (out / "run.lock").read_text().strip() == str(holder.pid)
+    assert main(COMMANDS["prox"].fresh(out, shared_data)) == 0
+    assert _tensors_equal(COMMANDS["prox"].outcome(out), reference("prox").outcome)
+
+
+def test_the_lock_is_exclusive_between_processes_and_released_at_the_end(tmp_path):
+    from bilevel.runner.lock import FolderLocked, OutputLock
+
+    with OutputLock(tmp_path):
+        assert (tmp_path / "run.lock").read_text().strip() == str(os.getpid())
+        code = ("import sys; from bilevel.runner.lock import OutputLock, FolderLocked\n"
+                "try:\n    OutputLock(sys.argv[1]).acquire()\nexcept FolderLocked as e:\n    print(e)")
+        refused = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+        assert f"process {os.getpid()} holds" in refused.stdout  # another process cannot take it meanwhile
+    other = _holder(tmp_path)  # released: another process takes it
+    try:
+        with pytest.raises(FolderLocked, match=f"process {other.pid} holds"):
+            OutputLock(tmp_path).acquire()
+    finally:
+        other.kill()
+        other.wait()
 
 
 # ---------------------------------------------------------------- the checkpoint file format

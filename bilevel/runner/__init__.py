@@ -12,7 +12,16 @@ line and that instance lives here, once:
 - :mod:`.flags`: the flags every training command shares, with their defaults
   read from its config, and the deprecated older spellings;
 - :mod:`.stop`: SIGTERM and SIGINT end a run after a checkpoint of its last step;
-- :mod:`.lock`: one run per output folder.
+- :mod:`.lock`: one run per output folder;
+- :mod:`.output`: the output folder's files (refusing a folder that holds a run,
+  JSON-lines logs that survive a kill, atomic writes);
+- :mod:`.checkpoint`: checkpoint files with a digest, written atomically, the
+  previous one kept;
+- :mod:`.distributed`: sharding a meta-batch over ``torchrun`` processes;
+- :mod:`.devices` and :mod:`.datadir`: the ``--device`` and ``--data-dir`` rules.
+
+The older names ``bilevel.checkpoint``, ``bilevel.distributed``, ``bilevel.devices``,
+``bilevel.datadir`` and ``bilevel.runs`` still import, for one release.
 """
 
 from bilevel.runner.lock import FolderLocked, OutputLock

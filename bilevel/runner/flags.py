@@ -12,19 +12,140 @@ dataclass stays the one source of defaults.
 Older spellings stay accepted for one release through :func:`deprecated_alias`:
 hidden from ``--help``, they store into the same field and print one line
 naming the new spelling.
+
+The pieces every parser uses:
+
+- :func:`count` and :func:`real`: argparse types that refuse a bad number up front, naming the flag
+  (``argument --steps: must be a whole number >= 1, got '-5'``).
+- :func:`track_given` and :func:`given_flags`: which flags the user actually typed, so that
+  ``--resume`` can restore every other setting from the checkpoint (:func:`restore`).
+- :func:`add_run_flags`: ``--resume [latest|previous]`` and ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import sys
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Collection, Iterable, Mapping
 
-from bilevel.checkpoint import RESUME_CHOICES
-from bilevel.runs import _TRACKED, count, given_flags, real, settings_of, track_given
+from bilevel.runner.checkpoint import RESUME_CHOICES
 
-__all__ = ["SHARED", "add_shared_flags", "config_defaults", "config_from_args", "deprecated_alias", "run_from_args"]
+__all__ = ["SHARED", "add_run_flags", "add_shared_flags", "config_defaults", "config_from_args", "count",
+           "deprecated_alias", "given_flags", "real", "restore", "run_from_args", "settings_of", "track_given"]
+
+_GIVEN = "_given_flags"  # namespace attribute: dest -> the option string the user typed
+
+
+def count(minimum: int = 1) -> Callable[[str], int]:
+    """An argparse type for a whole number ``>= minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def real(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+         high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type for a finite number between ``low`` and ``high`` (each bound closed unless
+    ``*_open``; ``None`` for no bound)."""
+    if low is not None and high is not None:
+        wanted = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        wanted = f"{'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        wanted = f"{'<' if high_open else '<='} {high:g}"
+    else:
+        wanted = "finite"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = math.isfinite(value)
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be a number {wanted}, got {text!r}")
+        return value
+
+    return parse
+
+
+class _Given:
+    """Mixin for argparse actions: records that the user gave this flag (and how they spelled it)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        super().__call__(parser, namespace, values, option_string)  # type: ignore[misc]
+        given = dict(getattr(namespace, _GIVEN, {}))
+        given[self.dest] = option_string or self.dest  # type: ignore[attr-defined]
+        setattr(namespace, _GIVEN, given)
+
+
+_TRACKED = {name: type(f"Given{base.__name__}", (_Given, base), {})
+            for name, base in (("store", argparse._StoreAction), ("store_true", argparse._StoreTrueAction),
+                               ("store_false", argparse._StoreFalseAction))}
+
+
+def track_given(parser: argparse.ArgumentParser) -> None:
+    """Make the ``store``, ``store_true`` and ``store_false`` arguments added to ``parser`` from now
+    on record when they appear on the command line (read back with :func:`given_flags`)."""
+    for name, action in _TRACKED.items():
+        parser.register("action", name, action)
+    parser.register("action", None, _TRACKED["store"])
+
+
+def given_flags(args: argparse.Namespace) -> dict[str, str]:
+    """The settings given on the command line of a :func:`track_given` parser: dest -> flag typed."""
+    return dict(getattr(args, _GIVEN, {}))
+
+
+def settings_of(args: argparse.Namespace, drop: Iterable[str] = ("func", "command")) -> dict[str, Any]:
+    """The parsed settings, without the dispatch entries ``drop`` and the record of given flags."""
+    skip = {_GIVEN, *drop}
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def add_run_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, checkpoint: str) -> None:
+    """Add ``--resume [latest|previous]`` and ``--overwrite`` (mutually exclusive) to ``parser``;
+    ``checkpoint`` names the checkpoint file(s) in the help."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", nargs="?", const="latest", choices=RESUME_CHOICES, default=None,
+                       help=f"continue the run in the output folder from {checkpoint}, with the run's settings "
+                            "(flags given here must match them, except the resumable ones); 'previous': from "
+                            "the previous checkpoint kept beside it (when the latest one is damaged)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="delete the files of the run already in the output folder and start over")
+
+
+def restore(saved: Mapping[str, Any], current: Mapping[str, Any], given: Mapping[str, str],
+            resumable: Collection[str], source: str | os.PathLike) -> dict[str, Any]:
+    """The settings of a resumed run: the run's ``saved`` ones, with the flags ``given`` on top.
+
+    Only keys of ``current`` are restored. A given flag whose value differs from
+    the run's is an error naming it, unless it is ``resumable``.
+    """
+    conflicts = sorted(k for k in given if k in saved and k not in resumable and saved[k] != current[k])
+    if conflicts:
+        details = "; ".join(f"{given[k]} {current[k]!r} (the run has {saved[k]!r})" for k in conflicts)
+        raise ValueError(f"cannot resume the run in {source} with other settings: {details}. Leave those flags "
+                         "out to keep the run's values, or start a new run (--overwrite, or another output folder)")
+    kept = {k: v for k, v in saved.items() if k in current and k not in given}
+    return {**current, **kept}
+
 
 SHARED = ("--out-dir", "--data-dir", "--device", "--seed", "--steps", "--resume", "--overwrite",
           "--checkpoint-every", "--log-every", "--no-progress", "--threads", "--max-minutes", "--solver",
@@ -82,7 +203,7 @@ def config_defaults(config_cls: type) -> dict[str, Any]:
 def add_shared_flags(parser: argparse.ArgumentParser, config_cls: type, *,
                      fields: Mapping[str, str] | None = None, solvers: Iterable[str] | None = None,
                      help: Mapping[str, str] | None = None, skip: Iterable[str] = ()) -> argparse._ArgumentGroup:
-    """Add :data:`SHARED` to ``parser`` (a :func:`~bilevel.runs.track_given` one), in a group "run".
+    """Add :data:`SHARED` to ``parser`` (a :func:`track_given` one), in a group "run".
 
     ``fields`` maps a flag's own field name (``"solver_maxiter"``) to the config field it
     stores into when that is named otherwise; ``solvers`` are ``--solver``'s choices;

@@ -40,13 +40,14 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import torch
 
-from bilevel import distributed
-from bilevel.checkpoint import file_patterns, load_for_resume
-from bilevel.checkpoint import save as save_checkpoint
-from bilevel.devices import resolve_device
+from bilevel.runner import distributed
+from bilevel.runner.checkpoint import file_patterns, load_for_resume
+from bilevel.runner.checkpoint import save as save_checkpoint
+from bilevel.runner.devices import resolve_device
+from bilevel.runner.flags import restore
 from bilevel.runner.lock import OutputLock
+from bilevel.runner.output import output_patterns, prepare_output, read_records, write_records, write_text_atomic
 from bilevel.runner.stop import Preempted, StopSignals
-from bilevel.runs import output_patterns, prepare_output, read_records, restore, write_records, write_text_atomic
 
 __all__ = ["CHECKPOINT", "FINAL", "METRICS", "LOCATION", "Command", "Instance", "Run", "run", "run_files",
            "saved_config"]
@@ -54,8 +55,10 @@ __all__ = ["CHECKPOINT", "FINAL", "METRICS", "LOCATION", "Command", "Instance", 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 FINAL = "final.json"
-LOCATION = ("out_dir", "progress")
-"""Config fields that say where and how this invocation runs: never saved, never compared."""
+LOCATION = ("out_dir",)
+"""Config fields that say where this invocation runs: never saved, never compared."""
+ALWAYS_RESUMABLE = ("out_dir", "progress", "threads")
+"""Config fields every resumed run may change."""
 
 
 class Instance(Protocol):
@@ -143,7 +146,7 @@ def _restored(config: Any, saved: Mapping[str, Any], given: Mapping[str, str] | 
     if given is None:
         given = {k: k for k in current}
     settings = restore(saved, current, {k: v for k, v in given.items() if k in current},
-                       {*resumable, *LOCATION}, out)
+                       {*resumable, *ALWAYS_RESUMABLE}, out)
     return dataclasses.replace(config, **settings)
 
 
@@ -173,11 +176,12 @@ def run(command: Command, config: Any, *, out_dir: str | Path | None = None, res
     holds the folder.
     """
     out = Path(out_dir if out_dir is not None else config.out_dir)
-    progress = getattr(config, "progress", True) if progress is None else progress
     device = resolve_device(getattr(config, "device", None))
     ctx = ctx or distributed.init(device)
     lock = OutputLock(out) if ctx.is_main else None
+    stop = StopSignals()  # from here on a signal stops the run at the next step boundary, checkpointed
     try:
+        stop.__enter__()
         if lock is not None:
             lock.acquire()
             prepare_output(out, command.patterns(), resume=bool(resume), overwrite=overwrite)
@@ -186,14 +190,17 @@ def run(command: Command, config: Any, *, out_dir: str | Path | None = None, res
         if resume:
             payload = load_for_resume(out / CHECKPOINT, resume, map_location="cpu")
             config = _restored(config, payload["config"], given, command.resumable, out)
+        progress = getattr(config, "progress", True) if progress is None else progress
         place = Run(out, resume, overwrite, progress, ctx, ctx.device if ctx.distributed else device)
-        return _loop(command, config, place, payload, report)
+        return _loop(command, config, place, payload, report, stop)
     finally:
+        stop.__exit__(None, None, None)
         if lock is not None:
             lock.release()
 
 
-def _loop(command: Command, config: Any, place: Run, payload: dict | None, report: bool) -> dict[str, Any]:
+def _loop(command: Command, config: Any, place: Run, payload: dict | None, report: bool,
+          stop: StopSignals) -> dict[str, Any]:
     out, ctx = place.out, place.ctx
     instance = command.build(config, place)
     steps = getattr(instance, "total_steps", None) or config.steps
@@ -231,52 +238,49 @@ def _loop(command: Command, config: Any, place: Run, payload: dict | None, repor
     began = time.perf_counter()
     deadline = began + 60 * max_minutes if max_minutes else math.inf
     postfix = getattr(instance, "postfix", None)
-    stop = StopSignals()
-    with stop:
-        try:
-            stopping = stop.requested()
-            if stopping:
-                _preempted(stop, command, step, out, ctx)
-            while step < steps:
-                stop.step_begins()
-                try:
-                    instance.step(step)
-                finally:
-                    stop.step_ends()
-                step += 1
-                bar.update(1)
-                seconds = elapsed + time.perf_counter() - began
-                at_log = step % log_every == 0
-                signalled, late = _agree(ctx, [stop.requested(), ctx.is_main and at_log
-                                               and time.perf_counter() >= deadline])
-                last = step == steps or late
-                entries = instance.record(step, last, seconds) if at_log or last else None
-                if entries is not None:
-                    record = {"step": step, **entries}
-                    if ctx.is_main:
-                        records.append(record)
-                        with open(metrics, "a") as log:
-                            log.write(json.dumps(record) + "\n")
-                    if postfix is not None:
-                        bar.set_postfix(postfix(record))
-                if signalled or last or step % checkpoint_every == 0:
-                    save(step, elapsed + time.perf_counter() - began)
-                if signalled:
-                    _preempted(stop, command, step, out, ctx)
-                if last:
-                    break
-            bar.close()
-            stop.step_begins()  # a signal during the final evaluation abandons it: resuming evaluates again
+    try:
+        if _agree(ctx, [stop.requested()])[0]:  # a signal while the run was being set up
+            _preempted(stop, command, step, out, ctx)
+        while step < steps:
+            stop.step_begins()
             try:
-                final = instance.evaluate(records)
-                if "config" not in final:
-                    final = {**final, "config": dataclasses.asdict(config)}
+                instance.step(step)
             finally:
                 stop.step_ends()
-        except KeyboardInterrupt:
-            if not stop.requested():
-                raise
-            _preempted(stop, command, None, out, ctx)
+            step += 1
+            bar.update(1)
+            seconds = elapsed + time.perf_counter() - began
+            at_log = step % log_every == 0
+            signalled, late = _agree(ctx, [stop.requested(), ctx.is_main and at_log
+                                           and time.perf_counter() >= deadline])
+            last = step == steps or late
+            entries = instance.record(step, last, seconds) if at_log or last else None
+            if entries is not None:
+                record = {"step": step, **entries}
+                if ctx.is_main:
+                    records.append(record)
+                    with open(metrics, "a") as log:
+                        log.write(json.dumps(record) + "\n")
+                if postfix is not None:
+                    bar.set_postfix(postfix(record))
+            if signalled or last or step % checkpoint_every == 0:
+                save(step, elapsed + time.perf_counter() - began)
+            if signalled:
+                _preempted(stop, command, step, out, ctx)
+            if last:
+                break
+        bar.close()
+        stop.step_begins()  # a signal during the final evaluation abandons it: resuming evaluates again
+        try:
+            final = instance.evaluate(records)
+            if "config" not in final:
+                final = {**final, "config": _fields(config)}
+        finally:
+            stop.step_ends()
+    except KeyboardInterrupt:
+        if not stop.requested():
+            raise
+        _preempted(stop, command, None, out, ctx)
     if ctx.is_main:
         write_text_atomic(out / FINAL, json.dumps(final, indent=2) + "\n")
         finish = getattr(instance, "finish", None)

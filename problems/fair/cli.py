@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import argparse
 
-from bilevel.runs import count, real, track_given
+from bilevel.runner.flags import count, real, track_given
 
 __all__ = ["register", "run_command"]
 

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bilevel.datadir import resolve_data_dir
+from bilevel.runner.datadir import resolve_data_dir
 from bilevel.problems.datafiles import parsing, read_zip_member
 
 __all__ = ["DATASETS", "Task", "data_dir", "load_tasks", "split_tasks", "to_device", "sample_episodes",
@@ -71,7 +71,7 @@ class Task:
 
 
 def data_dir(path: str | os.PathLike | None = None) -> Path:
-    """The data directory (:func:`bilevel.datadir.resolve_data_dir`), checked to exist."""
+    """The data directory (:func:`bilevel.runner.datadir.resolve_data_dir`), checked to exist."""
     path = resolve_data_dir(path)
     if not path.is_dir():
         raise FileNotFoundError(f"data directory {path} not found; pass --data-dir or set BILEVEL_DATA_DIR "

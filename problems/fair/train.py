@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 import bilevel
-from bilevel import BilevelProblem, distributed
+from bilevel import BilevelProblem
+from bilevel.runner import distributed
 from bilevel.runner import Command, Run
 from bilevel.runner import run as run_loop
 from bilevel.solvers import CG, GMRES, MINRES, Direct

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from bilevel.runs import count, real, track_given
+from bilevel.runner.flags import count, real, track_given
 
 __all__ = ["register", "run"]
 

@@ -2,7 +2,7 @@
 
 The four files are read from ``<data dir>/mnist/`` (or from the folder itself
 when it holds them directly), where the data dir follows the library's rule
-(:func:`bilevel.datadir.resolve_data_dir`: ``data_dir``, ``$BILEVEL_DATA_DIR``,
+(:func:`bilevel.runner.datadir.resolve_data_dir`: ``data_dir``, ``$BILEVEL_DATA_DIR``,
 the nearest ``shared/data``, ``~/.cache/bilevel/data``).
 Each file is checked by the sha256 of its *decompressed* content, so the
 original downloads and re-compressed copies are accepted alike, and nothing
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bilevel.datadir import resolve_data_dir
+from bilevel.runner.datadir import resolve_data_dir
 from bilevel.problems.datafiles import ARCHIVE_ERRORS
 
 __all__ = ["MNIST", "MNIST_FILES", "MIRRORS", "data_root", "mnist_dir", "load_mnist", "download_mnist",
@@ -63,7 +63,7 @@ class MNIST(NamedTuple):
 
 
 def data_root(data_dir: str | os.PathLike | None = None) -> Path:
-    """The data directory, by :func:`bilevel.datadir.resolve_data_dir`."""
+    """The data directory, by :func:`bilevel.runner.datadir.resolve_data_dir`."""
     return resolve_data_dir(data_dir)
 
 

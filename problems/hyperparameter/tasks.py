@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from bilevel import BilevelProblem
-from bilevel.devices import resolve_device
+from bilevel.runner.devices import resolve_device
 
 from .cleaning import HyperCleaning, corrupt_labels, separation
 from .l2 import PerFeatureL2

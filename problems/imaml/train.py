@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bilevel import distributed
-from bilevel.checkpoint import load_for_resume
+from bilevel.runner import distributed
+from bilevel.runner.checkpoint import load_for_resume
 from bilevel.cuda_graph import CUDAGraphed
 from bilevel.problems.imaml.config import RESUMABLE, Config
 from bilevel.problems.imaml.experiment import Experiment, build, protocol
@@ -216,8 +216,10 @@ class IMAMLRun:
         self.taken = 0
 
         def compute(theta: Params, tasks) -> MetaGradient:
+            # one way of batching the tasks for the whole run: "auto" would time both on its first calls,
+            # so a resumed run (timing afresh) could round otherwise than the run it continues
             return meta_gradient(exp.problem, theta, tasks, mode=config.mode, solver=exp.solver,
-                                 chunk_size=exp.chunk_size)
+                                 chunk_size=exp.chunk_size, over_tasks="vmap")
 
         self.compute = CUDAGraphed(compute) if config.cuda_graph else compute
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from bilevel.runs import count, real, track_given
+from bilevel.runner.flags import count, real, track_given
 
 
 def register(subparsers: Any) -> None:
@@ -96,7 +96,7 @@ def register(subparsers: Any) -> None:
     algo.add_argument("--outer-ridge", type=real(0), default=d.outer_ridge,
                       help="ridge added to the middle level's Jacobian in the outer adjoint solve")
     run = add_shared_flags(parser, NestedConfig, solvers=SOLVERS, help={
-        "data_dir": "Omniglot: folder of the archives (bilevel.datadir)",
+        "data_dir": "Omniglot: folder of the archives (bilevel.runner.datadir)",
         "seed": "seed of the pools and the initialization (default {default})",
         "steps": "meta-steps " + per_dataset("steps"),
         "inner_steps": "Armijo steps of the adaptation " + per_dataset("inner_steps"),

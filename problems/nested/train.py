@@ -272,9 +272,10 @@ class NestedRun:
     def meta_grad(self, theta: Params, data: NestedData) -> Params:
         method, tasks = self.config.method, data.train
         if method == "maml":
-            return meta_gradient(self.maml, theta, tasks, mode="unrolled").grad
+            # one batching for the whole run (see bilevel.problems.imaml.train): resumes round alike
+            return meta_gradient(self.maml, theta, tasks, mode="unrolled", over_tasks="vmap").grad
         if method == "imaml":
-            return meta_gradient(self.imaml, theta, tasks, solver=self.solver).grad
+            return meta_gradient(self.imaml, theta, tasks, solver=self.solver, over_tasks="vmap").grad
         if method == "oracle":  # clean tasks alone, equally weighted
             return self.problem.weighted_meta_gradient(theta, torch.ones(len(tasks.query_y), device=self.u.device),
                                                        tasks)

@@ -31,7 +31,7 @@ __all__ = ["register", "run_command"]
 def register(subparsers: Any) -> None:
     """Add the ``prox`` command."""
     from bilevel.runner.flags import add_shared_flags, deprecated_alias
-    from bilevel.runs import count, real, track_given
+    from bilevel.runner.flags import count, real, track_given
     from bilevel.solvers import SOLVERS
 
     from .config import DIFFERENTIATIONS, ProxConfig
