@@ -43,6 +43,7 @@ from bilevel.solvers import CG, GMRES, MINRES, Direct
 
 from .baselines import (GradientStepProblem, PDFMProblem, ProxLogisticProblem, dbc_bound, pdfm_dual_step,
                         probability_dbc)
+from .config import FairConfig
 from .data import Task, sample_episodes, evaluation_episodes
 from .metrics import METRICS, accuracy, mean_ci, task_metrics
 from .model import init_params, score
@@ -69,40 +70,44 @@ def make_solver(cfg: "Config") -> Any:
     return cls(**options)
 
 
+_COMMAND = FairConfig()
+"""The command's settings: the defaults of the settings a run shares with it."""
+
+
 @dataclass
 class Config:
-    """Everything one method's run depends on (saved in its checkpoint); the defaults are those of the
-    command (:class:`~bilevel.problems.fair.config.FairConfig`)."""
+    """Everything one method's run depends on (saved in its checkpoint); the settings it shares with
+    the command take the command's defaults (:class:`~bilevel.problems.fair.config.FairConfig`)."""
 
     method: str = "fair"
     c: float = 0.1
-    k_shot: int = 10
-    n_query: int = 10
-    meta_batch: int = 8
-    steps: int = 100
-    meta_lr: float = 0.01
-    prox: float = 1.0
-    mu: float = 1.0
-    delta: float = 0.01
+    k_shot: int = _COMMAND.shots
+    n_query: int = _COMMAND.queries
+    meta_batch: int = _COMMAND.meta_batch
+    steps: int = _COMMAND.steps
+    meta_lr: float = _COMMAND.meta_lr
+    prox: float = _COMMAND.prox
+    mu: float = _COMMAND.mu
+    delta: float = _COMMAND.delta
     barrier: float = 1e-3
-    outer_fair_weight: float = 1.0
-    constraint_set: str = "support"
-    constraint: str = "dbc"
-    sharpness: float = 1.0
-    inner_steps: int = 150
-    newton_steps: int = 30
-    solver: str = "minres"
-    solver_maxiter: int | None = None
-    solver_rtol: float | None = None
+    outer_fair_weight: float = _COMMAND.outer_fair_weight
+    constraint_set: str = _COMMAND.constraint_set
+    constraint: str = _COMMAND.constraint
+    sharpness: float = _COMMAND.sharpness
+    inner_steps: int = _COMMAND.inner_steps
+    newton_steps: int = _COMMAND.newton_steps
+    solver: str = _COMMAND.solver
+    solver_maxiter: int | None = _COMMAND.solver_maxiter
+    solver_rtol: float | None = _COMMAND.solver_rtol
     maml_lr: float = 0.1
     maml_steps: int = 5
     pdfm_dual_lr: float = 0.5
     pdfm_meta_dual_lr: float = 0.01
     pdfm_updates: int = 10
     lambda0: float = 1.0
-    seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 50
+    seed: int = _COMMAND.seed
+    log_every: int = _COMMAND.log_every
+    checkpoint_every: int = _COMMAND.checkpoint_every
 
 
 @dataclass(frozen=True)
