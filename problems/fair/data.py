@@ -39,7 +39,6 @@ demographic parity gap.
 from __future__ import annotations
 
 import csv
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +48,8 @@ import torch
 from torch import Tensor
 
 from bilevel.runner.datadir import resolve_data_dir
-from bilevel.problems.datafiles import parsing, read_zip_member
+from bilevel.problems.datafiles import parsing
+from bilevel.problems.tables import adult_rows, bank_table, compas_table
 
 __all__ = ["DATASETS", "Task", "data_dir", "load_tasks", "split_tasks", "to_device", "sample_episodes",
            "evaluation_episodes", "synthetic_tasks", "halves"]
@@ -119,12 +119,7 @@ def _pdfm(path: Path, drop: tuple[str, ...],
 
 
 def _adult(root: Path):
-    rows = []
-    for name, skip in (("adult.data", 0), ("adult.test", 1)):
-        with open(root / "adult" / name) as f:
-            lines = f.read().splitlines()[skip:]
-        rows += [[c.strip() for c in line.split(",")] for line in lines if line.strip()]
-    rows = [r for r in rows if len(r) == 15 and "?" not in r]
+    rows = [r for r in adult_rows(root) if len(r) == 15 and "?" not in r]
     numeric = [0, 2, 4, 10, 11, 12]
     categorical = [1, 3, 5, 6, 7, 8]
     x = np.column_stack([np.array([float(r[j]) for r in rows]) for j in numeric]
@@ -135,9 +130,8 @@ def _adult(root: Path):
 
 
 def _bank(root: Path):
-    text = read_zip_member(root / "bank_marketing" / "bank-additional.zip",
-                           "bank-additional/bank-additional-full.csv").decode()
-    rows = list(csv.DictReader(io.StringIO(text), delimiter=";"))
+    header, table = bank_table(root)
+    rows = [dict(zip(header, r)) for r in table]
     numeric = ["age", "campaign", "pdays", "previous", "emp.var.rate", "cons.price.idx", "cons.conf.idx",
                "euribor3m", "nr.employed"]
     categorical = ["job", "marital", "education", "default", "housing", "loan", "contact", "poutcome"]
@@ -150,8 +144,8 @@ def _bank(root: Path):
 
 
 def _compas(root: Path):
-    with open(root / "compas" / "compas-scores-two-years.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    header, table = compas_table(root)
+    rows = [dict(zip(header, r)) for r in table]
     numeric = ["age", "juv_fel_count", "juv_misd_count", "juv_other_count", "priors_count"]
     categorical = ["sex", "c_charge_degree", "age_cat"]
     x = np.column_stack([np.array([float(r[c]) for r in rows]) for c in numeric]

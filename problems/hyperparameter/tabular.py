@@ -22,8 +22,6 @@ Categorical columns are one-hot encoded; numeric ones are kept as numbers
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
@@ -32,7 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bilevel.problems.datafiles import parsing, read_zip_member
+from bilevel.problems.datafiles import parsing
+from bilevel.problems.tables import ADULT_COLUMNS, adult_rows, bank_table, compas_table, require
 
 from .mnist import data_root
 
@@ -73,34 +72,15 @@ def _encode(rows: list[list[str]], header: list[str], numeric: Iterable[str], ca
     return Tabular(torch.from_numpy(x), torch.from_numpy(y), tuple(names), name)
 
 
-def _require(path: Path, name: str) -> Path:
-    if not path.exists():
-        raise FileNotFoundError(f"{name}: {path} not found; pass the folder that holds {path.parent.name}/ with "
-                                "--data-dir (or set BILEVEL_DATA_DIR)")
-    return path
-
-
-_ADULT_COLUMNS = ["age", "workclass", "fnlwgt", "education", "education-num", "marital-status", "occupation",
-                  "relationship", "race", "sex", "capital-gain", "capital-loss", "hours-per-week",
-                  "native-country", "income"]
-
-
 def _adult(root: Path) -> Tabular:
-    rows = []
-    for file, skip in (("adult.data", 0), ("adult.test", 1)):
-        with open(_require(root / "adult" / file, "adult"), newline="") as fh:
-            lines = fh.read().splitlines()[skip:]
-        rows += [[field.strip() for field in line.split(",")] for line in lines if line.strip()]
     numeric = ["age", "fnlwgt", "education-num", "capital-gain", "capital-loss", "hours-per-week"]
-    categorical = [c for c in _ADULT_COLUMNS[:-1] if c not in numeric and c != "education"]
-    return _encode(rows, _ADULT_COLUMNS, numeric, categorical, lambda r: int(r[-1].rstrip(".") == ">50K"),
-                   "adult")
+    categorical = [c for c in ADULT_COLUMNS[:-1] if c not in numeric and c != "education"]
+    return _encode(adult_rows(root), ADULT_COLUMNS, numeric, categorical,
+                   lambda r: int(r[-1].rstrip(".") == ">50K"), "adult")
 
 
 def _bank(root: Path) -> Tabular:
-    text = read_zip_member(_require(root / "bank_marketing" / "bank-additional.zip", "bank"),
-                           "bank-additional/bank-additional-full.csv").decode()
-    header, *rows = list(csv.reader(io.StringIO(text), delimiter=";"))
+    header, rows = bank_table(root)
     numeric = ["age", "campaign", "pdays", "previous", "emp.var.rate", "cons.price.idx", "cons.conf.idx",
                "euribor3m", "nr.employed"]
     categorical = ["job", "marital", "education", "default", "housing", "loan", "contact", "month",
@@ -109,8 +89,7 @@ def _bank(root: Path) -> Tabular:
 
 
 def _compas(root: Path) -> Tabular:
-    with open(_require(root / "compas" / "compas-scores-two-years.csv", "compas"), newline="") as fh:
-        header, *rows = list(csv.reader(fh))
+    header, rows = compas_table(root)
     col = {c: header.index(c) for c in ("days_b_screening_arrest", "is_recid", "c_charge_degree",
                                          "score_text", "two_year_recid")}
     rows = [r for r in rows if r[col["days_b_screening_arrest"]] != ""
@@ -122,7 +101,7 @@ def _compas(root: Path) -> Tabular:
 
 
 def _german(root: Path) -> Tabular:
-    with open(_require(root / "german" / "german.data", "german")) as fh:
+    with open(require(root / "german" / "german.data", "german")) as fh:
         rows = [line.split() for line in fh if line.strip()]
     header = [f"A{i}" for i in range(1, 21)] + ["class"]
     numeric = ["A2", "A5", "A8", "A11", "A13", "A16", "A18"]
