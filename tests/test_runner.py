@@ -116,6 +116,32 @@ def test_a_folder_holding_a_run_is_refused_and_overwrite_starts_over(tmp_path):
     assert run(TOY, ToyConfig(lr=0.25), out_dir=tmp_path, overwrite=True, report=False)["config"]["lr"] == 0.25
 
 
+def test_tensorboard_gets_every_logged_number_under_its_tag(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    written: list[tuple[str, float, int]] = []
+
+    class Writer:  # stands in for torch.utils.tensorboard.SummaryWriter (the tensorboard package is optional)
+        def __init__(self, log_dir: str) -> None:
+            assert log_dir == str(tmp_path / "tensorboard")
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            written.append((tag, value, step))
+
+        def close(self) -> None:
+            written.append(("closed", 0.0, 0))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    run(TOY, ToyConfig(), out_dir=tmp_path, report=False, tensorboard=True)
+    logged = read_records(tmp_path / "metrics.jsonl")
+    assert written[:-1] == [(tag, r[tag], r["step"]) for r in logged for tag in ("x", "window_sum")]
+    assert written[-1][0] == "closed"
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        run(TOY, ToyConfig(), out_dir=tmp_path / "other", report=False, tensorboard=True)
+
+
 # ---------------------------------------------------------------- one vocabulary
 
 COMMANDS = {  # argv prefix -> the config class whose defaults its flags take
@@ -152,7 +178,7 @@ def _config_class(path: str) -> type:
 def test_every_training_command_takes_every_shared_flag_with_its_configs_default(prefix):
     parser = _subparser(prefix)
     options = {option for action in parser._actions for option in action.option_strings}
-    assert set(SHARED) <= options, sorted(set(SHARED) - options)
+    assert set(SHARED) | {"--tensorboard"} <= options, sorted(set(SHARED) - options)
     defaults = config_defaults(_config_class(COMMANDS[prefix]))
     fields = SOLVER_FIELDS.get(prefix[0], {})
     for flag in SHARED:

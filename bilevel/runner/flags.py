@@ -234,6 +234,9 @@ def add_shared_flags(parser: argparse.ArgumentParser, config_cls: type, *,
     add("--solver", choices=sorted(solvers) if solvers is not None else None)
     if "--no-progress" not in skip:
         group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    group.add_argument("--tensorboard", action="store_true",
+                       help="also write the logged metrics for TensorBoard, in <out-dir>/tensorboard (needs the "
+                            "tensorboard package)")
     runs = group.add_mutually_exclusive_group()
     runs.add_argument("--resume", nargs="?", const="latest", choices=RESUME_CHOICES, default=None,
                       help="continue the run in the output folder from its checkpoint, with the run's settings "
@@ -261,5 +264,6 @@ def run_from_args(command: Any, config: Any, args: argparse.Namespace, compare: 
     if getattr(args, "threads", None) is not None:
         torch.set_num_threads(args.threads)
     given = {**given_flags(args), **{name: name for name in compare}}
-    run(command, config, resume=args.resume or False, overwrite=args.overwrite, given=given)
+    run(command, config, resume=args.resume or False, overwrite=args.overwrite, given=given,
+        tensorboard=getattr(args, "tensorboard", False))
     return 0

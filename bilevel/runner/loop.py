@@ -21,7 +21,9 @@ owns everything else, the same way for every command:
 - under ``torchrun``: every rank steps, rank 0 alone writes and prints, and the
   ranks agree once per step on whether to stop (one all-reduce of the flags);
 - the end: :meth:`Instance.evaluate` gives the final results, written to
-  ``final.json``; :meth:`Instance.report` gives the closing report's lines.
+  ``final.json``; :meth:`Instance.report` gives the closing report's lines;
+- with ``tensorboard``, every logged number also goes to TensorBoard
+  (``torch.utils.tensorboard``, the ``tensorboard`` extra) under ``<out_dir>/tensorboard``.
 
 Resuming continues bit for bit: the instance's :meth:`~Instance.state_dict` at
 any step boundary holds everything its later steps depend on (parameters,
@@ -160,7 +162,7 @@ def _agree(ctx: distributed.Context, flags: list[bool]) -> list[bool]:
 
 def run(command: Command, config: Any, *, out_dir: str | Path | None = None, resume: bool | str = False,
         overwrite: bool = False, progress: bool | None = None, given: Mapping[str, str] | None = None,
-        ctx: distributed.Context | None = None, report: bool = True) -> dict[str, Any]:
+        ctx: distributed.Context | None = None, report: bool = True, tensorboard: bool = False) -> dict[str, Any]:
     """Run (or resume) ``command`` with ``config`` in ``out_dir``; returns the final results.
 
     ``out_dir`` and ``progress`` default to the config's fields of those names.
@@ -169,7 +171,8 @@ def run(command: Command, config: Any, *, out_dir: str | Path | None = None, res
     replace ``config``'s except the fields in ``given`` (field -> the flag typed, for
     the error message; ``None``: every field is given, so every field must match
     unless resumable). A folder holding a run is refused unless resumed or
-    ``overwrite``. ``report``: print the closing report (rank 0).
+    ``overwrite``. ``report``: print the closing report (rank 0). ``tensorboard``: write
+    the logged numbers for TensorBoard too (rank 0, ``<out_dir>/tensorboard``).
 
     Raises :class:`~bilevel.runner.stop.Preempted` after checkpointing when SIGTERM or
     SIGINT arrives, and :class:`~bilevel.runner.lock.FolderLocked` when another run
@@ -192,15 +195,40 @@ def run(command: Command, config: Any, *, out_dir: str | Path | None = None, res
             config = _restored(config, payload["config"], given, command.resumable, out)
         progress = getattr(config, "progress", True) if progress is None else progress
         place = Run(out, resume, overwrite, progress, ctx, ctx.device if ctx.distributed else device)
-        return _loop(command, config, place, payload, report, stop)
+        board = _board(out) if tensorboard and ctx.is_main else None
+        try:
+            return _loop(command, config, place, payload, report, stop, board)
+        finally:
+            if board is not None:
+                board.close()
     finally:
         stop.__exit__(None, None, None)
         if lock is not None:
             lock.release()
 
 
+def _board(out: Path) -> Any:
+    """A TensorBoard writer in ``<out>/tensorboard``, or ``ImportError`` saying what to install."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ImportError(f"--tensorboard needs the tensorboard package ({err}): pip install tensorboard") from None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
+def _scalars(record: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, float]]:
+    """The numbers of a metrics record as TensorBoard tags (``eval/loss_after``), nested dicts included."""
+    for key, value in record.items():
+        if key == "step":
+            continue
+        if isinstance(value, Mapping):
+            yield from _scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            yield f"{prefix}{key}", float(value)
+
+
 def _loop(command: Command, config: Any, place: Run, payload: dict | None, report: bool,
-          stop: StopSignals) -> dict[str, Any]:
+          stop: StopSignals, board: Any = None) -> dict[str, Any]:
     out, ctx = place.out, place.ctx
     instance = command.build(config, place)
     steps = getattr(instance, "total_steps", None) or config.steps
@@ -261,6 +289,9 @@ def _loop(command: Command, config: Any, place: Run, payload: dict | None, repor
                     records.append(record)
                     with open(metrics, "a") as log:
                         log.write(json.dumps(record) + "\n")
+                    if board is not None:
+                        for tag, value in _scalars(record):
+                            board.add_scalar(tag, value, step)
                 if postfix is not None:
                     bar.set_postfix(postfix(record))
             if signalled or last or step % checkpoint_every == 0:

@@ -131,6 +131,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="warn when a step's query loss exceeds this times its running median (default 10)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--threads", type=count(1), help="torch CPU threads (default: torch's)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write the logged metrics for TensorBoard, in <out-dir>/tensorboard (needs the "
+                        "tensorboard package)")
     p.set_defaults(func=run)
 
 
@@ -149,5 +152,6 @@ def run(args: argparse.Namespace) -> int:
     if settings["threads"] is not None:
         torch.set_num_threads(settings["threads"])
     given = given_flags(args)
-    run_job(Config(**settings), resume=args.resume or False, overwrite=args.overwrite, given=given, report=True)
+    run_job(Config(**settings), resume=args.resume or False, overwrite=args.overwrite, given=given, report=True,
+            tensorboard=args.tensorboard)
     return 0

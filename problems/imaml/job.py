@@ -35,13 +35,14 @@ def baseline_config(config: Config) -> Config:
 
 
 def run_job(config: Config, *, resume: bool | str = False, overwrite: bool = False,
-            given: dict[str, str] | None = None, report: bool = False) -> dict[str, Any]:
+            given: dict[str, str] | None = None, report: bool = False, tensorboard: bool = False) -> dict[str, Any]:
     """Meta-train ``config`` and, when its resolved ``baseline`` is ``"maml"``, the baseline beside
-    it (:func:`run_baseline`); the final results. ``given``: the flags typed, for ``--resume``."""
+    it (:func:`run_baseline`); the final results. ``given``: the flags typed, for ``--resume``;
+    ``tensorboard``: the logged metrics for TensorBoard too."""
     from bilevel.problems.imaml.train import command
 
     return run_loop(command(baseline=True), config.resolved(), resume=resume, overwrite=overwrite, given=given,
-                    report=report)
+                    report=report, tensorboard=tensorboard)
 
 
 def run_baseline(config: Config, meta_steps: int, run: Run) -> dict[str, Any]:
