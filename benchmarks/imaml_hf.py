@@ -44,7 +44,8 @@ def problems(name: str, forward, lam: float, tol: float, maxiter: int) -> IMAMLP
     if name == "gd16":
         return IMAMLProblem(forward, cross_entropy, lam=lam, inner_lr=0.1, inner_steps=16)
     solver = {"lbfgs": LBFGS(rtol=0.0, atol=tol, maxiter=maxiter),
-              "newton_cg": NewtonCG(rtol=0.0, atol=tol, maxiter=maxiter, cg_maxiter=20)}[name]
+              "newton_cg": NewtonCG(rtol=0.0, atol=tol, maxiter=maxiter, cg_maxiter=20,
+                                    globalization="trust_region")}[name]
     return IMAMLProblem(forward, cross_entropy, lam=lam, inner_optimizer=solver)
 
 

@@ -55,7 +55,7 @@ def arguments_named(problem: Any, outer: PyTree, data: Any, init: PyTree | None)
     try:
         yield
     except (RuntimeError, IndexError) as error:
-        if isinstance(error, ConvergenceError):
+        if isinstance(error, (ConvergenceError, NotImplementedError)):
             raise
         name = type(problem).__name__
         start = "init" if init is not None else f"{name}.initial_inner's result"

@@ -30,7 +30,15 @@ class NewtonCG(Minimizer):
     the iteration converge from far away (Nocedal and Wright, *Numerical
     Optimization*, Algorithms 7.1 and 7.2):
 
-    ``"trust_region"`` (default): CG also stops where ``d`` leaves the ball
+    ``"line_search"`` (default): the CG solution (or ``-g`` where the first direction
+    has non-positive curvature) is backtracked from a unit step by
+    :class:`~bilevel.solvers.minimize.LineSearch`; a problem whose search fails stops
+    with ``NO_DECREASE``. On 60 random convex inner problems (ridge, logistic, Poisson,
+    Huber, smoothed absolute loss; condition numbers to 1e6) it solved every one, where
+    the trust region needed more than 200 iterations on weakly regularized Huber
+    problems (a piecewise quadratic: the model is wrong across each kink).
+
+    ``"trust_region"``: CG also stops where ``d`` leaves the ball
     ``||d|| <= radius``, and at negative curvature it goes to the ball's boundary
     along that direction. The step is taken when the objective's decrease is at
     least ``1e-4`` of the quadratic model's, ``rho = (f(x) - f(x + d)) / (-g^T d -
@@ -39,28 +47,23 @@ class NewtonCG(Minimizer):
     Where the objective's change is within its rounding (``sqrt(eps) max(|f(x)|,
     |f(x0)|)``) the decrease in ``rho`` is measured by the trapezoid rule on the
     gradients, ``-(g(x) + g(x + d))^T d / 2`` (exact on quadratics), instead.
-    Robust where ``H`` is indefinite or nearly singular (a network's proximal
-    objective), at one gradient per iteration besides the products. A problem whose
+    Robust where ``H`` is indefinite (Rosenbrock: 26 iterations against the line
+    search's 62), at one gradient per iteration besides the products. A problem whose
     radius falls below ``eps * (1 + ||x||)`` stops with ``NO_DECREASE``.
-
-    ``"line_search"``: the CG solution (or ``-g`` where the first direction has
-    non-positive curvature) is backtracked from a unit step by
-    :class:`~bilevel.solvers.minimize.LineSearch`; a problem whose search fails stops
-    with ``NO_DECREASE``. Cheaper where ``H`` is positive definite and well scaled.
 
     The Hessian-free inner solve of iMAML-HF (Rajeswaran et al., NeurIPS 2019).
 
     Args:
         cg_maxiter: Hessian-vector products per Newton step at most.
-        globalization: ``"trust_region"`` or ``"line_search"``.
+        globalization: ``"line_search"`` or ``"trust_region"``.
         initial_radius: the trust region's first radius.
         line_search: the trials and the acceptance test of ``"line_search"``.
         rtol, atol, maxiter: see :class:`~bilevel.solvers.minimize.Minimizer`.
     """
 
-    maxiter: int = 200
+    maxiter: int = 1000
     cg_maxiter: int = 50
-    globalization: str = "trust_region"
+    globalization: str = "line_search"
     initial_radius: float = 1.0
     line_search: LineSearch = field(default_factory=LineSearch)
 
