@@ -35,13 +35,14 @@ import torch
 
 import bilevel
 from bilevel.problems.hyperparameter.cleaning import HyperCleaning, corrupt_labels
-from bilevel.problems.hyperparameter.experiment import run_experiment, selected_record
+from bilevel.problems.hyperparameter.config import HyperoptConfig
+from bilevel.problems.hyperparameter.experiment import COMMANDS, selected_record
+from bilevel.runner import run
 from bilevel.problems.hyperparameter.l2 import PerFeatureL2
 from bilevel.problems.hyperparameter.linear import accuracy, mean_loss, minimize
 from bilevel.problems.hyperparameter.mnist import load_mnist
 from bilevel.problems.hyperparameter.splits import Splits, mnist_splits, split
 from bilevel.problems.hyperparameter.tabular import load_tabular
-from bilevel.problems.hyperparameter.tasks import l2_task
 from bilevel.solvers import CG, Direct, Neumann
 
 
@@ -112,15 +113,11 @@ def ours(args, budget: float) -> dict:
     # Pay torch's lazy imports (torch.optim's first optimizer loads torch._dynamo, about 2 s) before
     # the clock starts, as the other methods' imports are paid before theirs.
     torch.optim.LBFGS([torch.zeros(1, requires_grad=True)])
-    settings = {"dataset": args.dataset, "data_dir": args.data_dir, "download": False, "seed": args.seed,
-                "dtype": "float64", "n_train": None, "n_val": None, "n_test": None,
-                "init_penalty": args.init_penalty, "max_inner_iter": 2000, "tol0": 1e-3, "tol_decay": 0.9,
-                "tol_min": 1e-8, "first_move": 1.0, "grow": 1.5, "cg_maxiter": 1000, "on_failure": "ignore",
-                "out": args.out, "resume": False, "steps": 10_000, "max_time": budget, "checkpoint_every": 50,
-                "progress": False, "threads": None, "plot": True, "select_fraction": args.select_fraction}
-    if args.dataset == "mnist":
-        settings.update(n_train=20_000, n_val=5_000, n_test=10_000)
-    run_experiment(settings, l2_task)
+    config = HyperoptConfig(task="l2", dataset=args.dataset, data_dir=args.data_dir, seed=args.seed,
+                            init_penalty=args.init_penalty, on_failure="ignore", out_dir=args.out, steps=10_000,
+                            max_minutes=budget / 60, checkpoint_every=50, progress=False,
+                            select_fraction=args.select_fraction)
+    run(COMMANDS["l2"], config, report=False)
     with open(Path(args.out) / "metrics.jsonl") as fh:
         records = [json.loads(line) for line in fh]
     in_time = [r for r in records if r["time"] <= budget] or records[:1]
