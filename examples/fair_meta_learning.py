@@ -36,8 +36,8 @@ runs = {"iMAML": Config(method="imaml", steps=10, meta_batch=4),
         "fair, c = 0": Config(method="fair", c=0.0, steps=10, meta_batch=4)}
 summaries = {}
 with tempfile.TemporaryDirectory() as folder:
-    for name, cfg in runs.items():
-        outer = train(cfg, train_tasks, Path(folder), progress=False)
+    for number, (name, cfg) in enumerate(runs.items()):
+        outer = train(cfg, train_tasks, Path(folder) / f"run{number}", progress=False)  # a folder per run
         summaries[name] = evaluate(cfg, outer, test_tasks, episodes=3)["summary"]
         s = summaries[name]
         print(f"{name:>15}: accuracy {s['accuracy']['mean']:.3f}, parity gap {s['parity_gap']['mean']:.3f}")
