@@ -11,6 +11,7 @@ torch's message, and says what to check.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +22,10 @@ from bilevel.errors import BilevelError, ConvergenceError
 from bilevel.pytree import PyTree
 
 __all__ = ["arguments_named", "describe"]
+
+_ABOUT_ARGUMENTS = re.compile(r"size|shape|dimension|dtype|scalar type|same type|index .* out of bounds|"
+                              r"expected .*(Float|Double|Long|Half|Int)", re.IGNORECASE)
+"""torch's messages about the shapes, sizes and dtypes of its arguments: the errors worth naming them for."""
 
 SHOWN_LEAVES = 6
 """An argument's description lists at most this many tensors."""
@@ -49,13 +54,13 @@ def _has_integer_tensors(tree: Any) -> bool:
 
 @contextlib.contextmanager
 def arguments_named(problem: Any, outer: PyTree, data: Any, init: PyTree | None) -> Iterator[None]:
-    """Re-raise a ``RuntimeError`` or ``IndexError`` from the problem's code as a
-    :class:`~bilevel.BilevelError` naming the arguments (torch's message kept, the
-    original chained). The library's own errors pass through unchanged."""
+    """Re-raise a ``RuntimeError`` or ``IndexError`` about shapes, sizes or dtypes from the
+    problem's code as a :class:`~bilevel.BilevelError` naming the arguments (torch's message
+    kept, the original chained). Other errors, the library's own included, pass through."""
     try:
         yield
     except (RuntimeError, IndexError) as error:
-        if isinstance(error, (ConvergenceError, NotImplementedError)):
+        if isinstance(error, (ConvergenceError, NotImplementedError)) or not _ABOUT_ARGUMENTS.search(str(error)):
             raise
         name = type(problem).__name__
         start = "init" if init is not None else f"{name}.initial_inner's result"

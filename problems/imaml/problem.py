@@ -260,7 +260,7 @@ def meta_gradient(problem: IMAMLProblem, theta: Params, tasks: Task, *,
                 result.solve.iterations, relative, indefinite)
 
     way, timings = _choose_way(problem, theta, tasks, mode, solver, over_tasks, chunk_size)
-    start = time.perf_counter()
+    start = time.perf_counter() if timings is not None else 0.0
     if way == "loop":
         out = _loop(one, tasks)
     else:
