@@ -38,10 +38,9 @@ from bilevel.problem import BilevelProblem, checked_condition, scalar_objective
 from bilevel.validation import arguments_named
 from bilevel.pytree import (PyTree, check_devices_and_dtypes, check_parameters, check_same_structure, ravel,
                             tree_leaves, tree_map, tree_norm)
-from bilevel.solvers import CG, LinearSolver, SolveResult, get_solver
+from bilevel.solvers import (CG, IterativeSolver, LinearSolver, SolveResult, get_solver, poison, register_result_pytree,
+                             result_repr)
 from bilevel.solvers.minimize import MinimizeResult, default_rtol
-from bilevel.solvers._base import IterativeSolver, poison
-from bilevel.solvers._result import register_result_pytree, result_repr
 
 __all__ = ["HypergradientResult", "hypergradient", "check_result", "MODES"]
 

@@ -33,8 +33,7 @@ from bilevel.policy import (CallPolicy, OnFailure, failed_systems, host_checks_d
                             inner_residual_failure, nan_where_failed, require_finite, solve_failure,
                             validate_on_failure)
 from bilevel.pytree import PyTree, check_same_structure, ravel, tree_norm
-from bilevel.solvers import LinearSolver, get_solver
-from bilevel.solvers._base import IterativeSolver, poison
+from bilevel.solvers import IterativeSolver, LinearSolver, get_solver, poison
 
 __all__ = ["implicit_fixed_point", "implicit_root"]
 

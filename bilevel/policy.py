@@ -27,9 +27,8 @@ from torch.utils import _pytree as pytree
 
 from bilevel.errors import BilevelError, ConvergenceError, ConvergenceWarning, NonFiniteError
 from bilevel.pytree import PyTree, tree_leaves
-from bilevel.solvers import SolveResult, Status, values_hidden
+from bilevel.solvers import SolveResult, Status, values_hidden, values_unreadable
 from bilevel.solvers.minimize import MinimizeResult, MinimizeStatus
-from bilevel.solvers._base import values_unreadable
 
 OnFailure = Literal["warn", "raise", "ignore"]
 ON_FAILURE = ("warn", "raise", "ignore")

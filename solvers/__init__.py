@@ -18,8 +18,9 @@ Direct     small systems, ground truth                 LU / least squares
 See ``docs/solvers.md``.
 """
 
-from ._base import LinearSolver, MatVec, Preconditioner, is_capturing, is_vmapped, values_hidden
-from ._result import SolveResult, Status
+from ._base import IterativeSolver, LinearSolver, MatVec, Preconditioner, poison
+from ._result import SolveResult, Status, register_result_pytree, result_repr
+from ._transforms import is_capturing, is_vmapped, values_hidden, values_unreadable
 from .bicgstab import BiCGSTAB
 from .cg import CG
 from .direct import Direct
@@ -31,7 +32,7 @@ from .preconditioners import hutchinson_diagonal, jacobi
 from .registry import SOLVERS, get_solver
 
 __all__ = [
-    "SOLVERS", "BiCGSTAB", "CG", "Direct", "GMRES", "LinearSolver", "MINRES", "MatVec", "Neumann", "NormalCG",
-    "Preconditioner", "SolveResult", "Status", "get_solver", "hutchinson_diagonal", "is_capturing", "is_vmapped", "jacobi",
-    "values_hidden",
+    "SOLVERS", "BiCGSTAB", "CG", "Direct", "GMRES", "IterativeSolver", "LinearSolver", "MINRES", "MatVec", "Neumann",
+    "NormalCG", "Preconditioner", "SolveResult", "Status", "get_solver", "hutchinson_diagonal", "is_capturing",
+    "is_vmapped", "jacobi", "poison", "register_result_pytree", "result_repr", "values_hidden", "values_unreadable",
 ]

@@ -32,9 +32,9 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import FakeTensor
 
 from ._result import SolveResult, Status
+from ._transforms import is_capturing, is_vmapped, physical, values_hidden, values_unreadable
 
 __all__ = ["IterativeSolver", "LinearSolver", "MatVec", "Preconditioner", "is_capturing", "is_vmapped",
            "poison", "values_hidden", "values_unreadable"]
@@ -58,44 +58,6 @@ class LinearSolver(Protocol):
 
     def __call__(self, matvec: MatVec, b: Tensor, x0: Tensor | None = None) -> SolveResult:
         ...
-
-
-def is_vmapped(t: Tensor) -> bool:
-    """True when ``t`` is (or wraps) a ``torch.func.vmap`` BatchedTensor.
-
-    Peels functorch wrappers (GradTrackingTensor from ``torch.func.grad``/``vjp``,
-    BatchedTensor from ``vmap``) one level at a time. Inside ``vmap`` a tensor's
-    values are not available to Python, so data-dependent host checks must be
-    skipped.
-    """
-    functorch = torch._C._functorch
-    while functorch.is_functorch_wrapped_tensor(t):
-        if functorch.is_batchedtensor(t):
-            return True
-        t = functorch.get_unwrapped(t)
-    return False
-
-
-def is_capturing(t: Tensor) -> bool:
-    """True while ``t``'s CUDA stream records a CUDA graph (values exist only at replay)."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def values_unreadable(t: Tensor) -> bool:
-    """True when no values stand behind ``t`` at all, beneath any ``torch.func`` wrapper:
-    while ``torch.compile`` traces, during CUDA-graph capture, or for a fake or meta
-    tensor. Unlike under ``vmap``, no host decision is possible then."""
-    if torch.compiler.is_compiling() or is_capturing(t):
-        return True
-    t = physical(t)
-    return t.device.type == "meta" or isinstance(t, FakeTensor)
-
-
-def values_hidden(t: Tensor) -> bool:
-    """True when Python cannot read ``t``'s values now: under ``vmap``, during CUDA-graph
-    capture or while ``torch.compile`` traces. Host-side decisions (early exits, failure
-    checks) must then be skipped or deferred."""
-    return torch.compiler.is_compiling() or is_vmapped(t) or is_capturing(t)
 
 
 # ----------------------------------------------------------------- validation
@@ -188,15 +150,6 @@ def finite(v: Tensor) -> Tensor:
 def machine_eps(dtype: torch.dtype) -> float:
     """Machine epsilon of ``dtype``: the breakdown threshold of the recurrences."""
     return torch.finfo(dtype).eps
-
-
-def physical(t: Tensor) -> Tensor:
-    """The plain tensor under every ``torch.func`` wrapper of ``t``: under ``vmap`` it holds
-    the values of the whole batch (the batch as one more dimension)."""
-    functorch = torch._C._functorch
-    while functorch.is_functorch_wrapped_tensor(t):
-        t = functorch.get_unwrapped(t)
-    return t
 
 
 def all_finished(active: Tensor, iteration: int) -> bool:

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from ._transforms import values_hidden
+
 T = TypeVar("T")
 
 
@@ -64,8 +66,6 @@ def show(value: Any, status: type[enum.IntEnum] | None = None) -> str:
     shape and dtype for more or for values unreadable now (vmap, CUDA-graph capture); with
     ``status``, that enum's names instead of codes. Pytrees keep their structure, and
     results inside them show as their own ``repr``."""
-    from ._base import values_hidden
-
     def is_result(x: Any) -> bool:
         return getattr(type(x), "__repr__", None) is result_repr
 

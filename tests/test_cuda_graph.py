@@ -119,8 +119,10 @@ def test_capture_reads_no_tensor_value_on_the_host(monkeypatch, solver):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import bilevel.solvers._base
+    import bilevel.solvers._transforms
 
-    monkeypatch.setattr(bilevel.solvers._base, "is_capturing", lambda t: True)  # seen by every host check
+    for module in (bilevel.solvers._transforms, bilevel.solvers._base):  # seen by every host check
+        monkeypatch.setattr(module, "is_capturing", lambda t: True)
     g = torch.Generator().manual_seed(0)
     real = (torch.randn(30, 6, generator=g), torch.randn(30, generator=g), torch.randn(6, generator=g))
     with FakeTensorMode() as mode:

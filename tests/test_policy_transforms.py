@@ -261,8 +261,10 @@ def capturing(monkeypatch):
     """CPU stand-in for CUDA-graph capture: the library is told a graph is being recorded (as
     ``is_capturing`` says on a GPU), while the test can still read what comes out."""
     import bilevel.solvers._base
+    import bilevel.solvers._transforms
 
-    monkeypatch.setattr(bilevel.solvers._base, "is_capturing", lambda t: True)
+    for module in (bilevel.solvers._transforms, bilevel.solvers._base):
+        monkeypatch.setattr(module, "is_capturing", lambda t: True)
 
 
 @pytest.mark.parametrize("on_failure", ["warn", "raise"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 import bilevel
@@ -16,8 +18,9 @@ def matvec(v: torch.Tensor) -> torch.Tensor:
 
 def test_a_single_solve_shows_plain_values():
     text = repr(CG()(matvec, torch.ones(2, dtype=torch.float64)))
-    assert text == ("SolveResult(x=[0.5, 1.0], converged=True, iterations=2, residual_norm=0.0, "
-                    "status=CONVERGED, history=None)")
+    # the true residual is at rounding level: 0.0 or a few units of float64's eps
+    assert re.fullmatch(r"SolveResult\(x=\[0\.5, 1\.0\], converged=True, iterations=2, "
+                        r"residual_norm=(0\.0|\d\.\d+e-1[5-7]), status=CONVERGED, history=None\)", text), text
 
 
 def test_a_batch_shows_one_status_name_per_system():
