@@ -165,18 +165,22 @@ class SolveResult:
 
     def failures(self) -> list[str]:
         """Readable descriptions of every system that did not converge (host sync)."""
-        status = self.status.reshape(-1).tolist()
-        res = self.residual_norm.reshape(-1).tolist()
-        its = self.iterations.reshape(-1).tolist()
-        out = []
-        for i, (s, r, k) in enumerate(zip(status, res, its)):
-            if s != Status.CONVERGED:
-                where = f"system {i}: " if len(status) > 1 else ""
-                out.append(f"{where}{Status(s).name} after {k} iterations, "
-                           f"residual {r:.3e}: {Status(s).describe()}")
-        return out
+        return describe_failures(Status, self.status, self.iterations, self.residual_norm, "system", "residual")
 
     @property
     def all_converged(self) -> bool:
         """True when every system converged (host sync)."""
         return bool(torch.all(self.converged))
+
+
+def describe_failures(codes: Any, status: Tensor, iterations: Tensor, norm: Tensor, unit: str,
+                      norm_name: str) -> list[str]:
+    """``"<unit> i: NAME after k iterations, <norm_name> r: why"`` for every entry of ``status``
+    that is not ``codes.CONVERGED`` (the ``unit`` prefix only when there are several)."""
+    flat = status.reshape(-1).tolist()
+    out = []
+    for i, (s, r, k) in enumerate(zip(flat, norm.reshape(-1).tolist(), iterations.reshape(-1).tolist())):
+        if s != codes.CONVERGED:
+            where = f"{unit} {i}: " if len(flat) > 1 else ""
+            out.append(f"{where}{codes(s).name} after {k} iterations, {norm_name} {r:.3e}: {codes(s).describe()}")
+    return out

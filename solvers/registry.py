@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from ._base import LinearSolver
 from .bicgstab import BiCGSTAB
 from .cg import CG
@@ -11,7 +14,7 @@ from .minres import MINRES
 from .neumann import Neumann
 from .normal_cg import NormalCG
 
-__all__ = ["SOLVERS", "get_solver"]
+__all__ = ["SOLVERS", "get_solver", "instance_by_name"]
 
 SOLVERS: dict[str, type] = {"cg": CG, "minres": MINRES, "gmres": GMRES, "bicgstab": BiCGSTAB,
                             "neumann": Neumann, "direct": Direct, "normal_cg": NormalCG}
@@ -24,18 +27,26 @@ def get_solver(solver: LinearSolver | str | None, default: str = "cg") -> Linear
     ``None`` gives ``SOLVERS[default]()``. A class instead of an instance, an unknown
     name or any other object raises ``TypeError``/``ValueError`` naming the fix.
     """
-    if solver is None:
-        solver = default
-    if isinstance(solver, str):
-        cls = SOLVERS.get(solver.lower())
+    return instance_by_name(SOLVERS, solver, default, kind="solver", example="bilevel.solvers.GMRES(rtol=1e-8)",
+                            accepts=callable)
+
+
+def instance_by_name(table: dict[str, type], value: Any, default: str, *, kind: str, example: str,
+                     accepts: Callable[[Any], bool]) -> Any:
+    """``table[name]()`` for a name (any case, ``-`` read as ``_``; ``None`` means ``default``), or
+    ``value`` itself when ``accepts(value)``; a class or anything else raises naming the fix."""
+    if value is None:
+        value = default
+    if isinstance(value, str):
+        cls = table.get(value.lower().replace("-", "_"))
         if cls is None:
-            raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)} "
-                             "or pass a solver instance such as bilevel.solvers.GMRES(rtol=1e-8)")
+            raise ValueError(f"unknown {kind} {value!r}; choose one of {', '.join(table)} "
+                             f"or pass a {kind} instance such as {example}")
         return cls()
-    if isinstance(solver, type):
-        raise TypeError(f"solver must be a solver instance, got the class {solver.__name__}: "
-                        f"pass {solver.__name__}(), not {solver.__name__}")
-    if not callable(solver):
-        raise TypeError(f"solver must be a solver instance (e.g. CG()) or one of the names "
-                        f"{', '.join(SOLVERS)}; got {type(solver).__name__}")
-    return solver
+    if isinstance(value, type):
+        raise TypeError(f"{kind} must be an instance, got the class {value.__name__}: "
+                        f"pass {value.__name__}(), not {value.__name__}")
+    if not accepts(value):
+        raise TypeError(f"{kind} must be an instance such as {example} or one of the names "
+                        f"{', '.join(table)}; got {type(value).__name__}")
+    return value

@@ -42,7 +42,7 @@ from torch.utils import _pytree as pytree
 
 from .._base import (all_finished, check_count, check_nonnegative, dot, finite, machine_eps, mark, norm, select,
                      values_hidden, vec)
-from .._result import register_result_pytree, result_repr
+from .._result import describe_failures, register_result_pytree, result_repr
 
 __all__ = ["LineSearch", "Minimizer", "MinimizeResult", "MinimizeStatus", "Objective", "default_rtol"]
 
@@ -112,16 +112,8 @@ class MinimizeResult:
 
     def failures(self) -> list[str]:
         """Readable descriptions of every problem that did not converge (host sync)."""
-        status = self.status.reshape(-1).tolist()
-        gnorm = self.grad_norm.reshape(-1).tolist()
-        its = self.iterations.reshape(-1).tolist()
-        out = []
-        for i, (s, r, k) in enumerate(zip(status, gnorm, its)):
-            if s != MinimizeStatus.CONVERGED:
-                where = f"problem {i}: " if len(status) > 1 else ""
-                out.append(f"{where}{MinimizeStatus(s).name} after {k} iterations, gradient norm {r:.3e}: "
-                           f"{MinimizeStatus(s).describe()}")
-        return out
+        return describe_failures(MinimizeStatus, self.status, self.iterations, self.grad_norm, "problem",
+                                 "gradient norm")
 
     @property
     def all_converged(self) -> bool:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._base import check_positive
-from ._base import FlatProblem, Iterate, Minimizer
+from ._base import FlatProblem, Iterate
+from .gradient_descent import GradientDescent
 
 
 @dataclass(frozen=True, kw_only=True)
-class Nesterov(Minimizer):
+class Nesterov(GradientDescent):
     """Nesterov's accelerated gradient (Nesterov, 1983) with a fixed step::
 
         y = x_k + (k - 1) / (k + 2) (x_k - x_{k-1});   x_{k+1} = y - lr grad f(y)
@@ -23,12 +23,6 @@ class Nesterov(Minimizer):
         lr: the step.
         rtol, atol, maxiter: see :class:`~bilevel.solvers.minimize.Minimizer`.
     """
-
-    lr: float = 0.1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive("lr", self.lr)
 
     def iterate(self, problem: FlatProblem, state: Iterate) -> None:
         previous = state.x
