@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md")),
+         *sorted((REPO_ROOT / "docs" / "results").glob("*.md"))]
 
 FENCE = re.compile(r"^```.*?^```[ \t]*$", re.S | re.M)
 BLOCK = re.compile(r"(?:<!--\s*not-run:(?P<reason>[^>]*?)-->[ \t]*\n)?^```python\n(?P<code>.*?)^```[ \t]*$",
@@ -41,7 +42,7 @@ def test_the_pages_are_found():
     assert {"README.md", "core.md", "solvers.md"} <= {p.name for p in PAGES}
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO_ROOT)))
 def test_relative_links_and_anchors_resolve(page):
     broken = []
     for target in links(page):
@@ -79,7 +80,8 @@ def test_readme_blocks_each_run_on_their_own():
     run_blocks(REPO_ROOT / "README.md", together=False)
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if p.name != "README.md" and blocks(p)], ids=lambda p: p.name)
+@pytest.mark.parametrize("page", [p for p in PAGES if p.name != "README.md" and blocks(p)],
+                         ids=lambda p: str(p.relative_to(REPO_ROOT)))
 def test_docs_blocks_run_in_order(page, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     run_blocks(page, together=True)
