@@ -40,6 +40,7 @@ def links(page: Path) -> list[str]:
 
 def test_the_pages_are_found():
     assert {"README.md", "core.md", "solvers.md"} <= {p.name for p in PAGES}
+    assert {"docs/results/imaml.md", "docs/getting_started.md"} <= {str(p.relative_to(REPO_ROOT)) for p in PAGES}
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO_ROOT)))
