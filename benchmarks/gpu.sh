@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/benchmarks.md and docs/imaml.md, in one go.
+# The GPU measurements of docs/results/benchmarks.md and docs/results/imaml.md, in one go.
 #
 #   bash benchmarks/gpu.sh OUT_DIR OMNIGLOT_DIR [PART ...]
 #
@@ -25,7 +25,7 @@ for part in $parts; do
     tests)  # CUDA-graph replays equal eager results; fair training on CUDA equals CPU
       (cd "$root" && timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py \
          tests/test_fair_train.py -k "cuda or graph") > "$out/tests.log" 2>&1 ;;
-    fair)  # the transductive Communities comparison of docs/fair.md, on the GPU
+    fair)  # the transductive Communities comparison of docs/results/fair.md, on the GPU
       (cd "$root" && timeout 400 bilevel fair --dataset communities --k-shot 10 --constraint-set task --mu 0.001 \
          --delta 0.005 --c 0 0.05 0.2 --device cuda --no-progress --out "$out/fair_cc_task") > "$out/fair.log" 2>&1 ;;
     bench4)  # time per meta-gradient against the peers, meta-batch 4 (sinusoid-pd: the well-posed sinusoid)

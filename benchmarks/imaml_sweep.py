@@ -12,7 +12,7 @@ the run takes on an idle core; wall-clock grows with other load).
     OMP_NUM_THREADS=1 python benchmarks/imaml_sweep.py --only main maml --seeds 0 1 2 3 4
 
 Rows are appended to ``benchmarks/results/imaml_sweep.jsonl`` (``--out``); the
-table is printed at the end. docs/imaml.md, "Choosing the main job's settings",
+table is printed at the end. docs/results/imaml.md, "Choosing the main job's settings",
 holds the results.
 """
 

@@ -88,7 +88,9 @@ def minimize_newton(objective: Callable[[Tensor], Tensor], init: Tensor, *, tol:
     (Armijo) line search, until ``||grad|| <= tol`` or ``max_iter`` iterations.
 
     The Hessian is materialized (``torch.func.hessian``), so this is for small
-    weight tensors; it converges quadratically, to round-off. Returns
+    weight tensors; it converges quadratically, to round-off. Where the Hessian is singular
+    (directions the objective does not depend on, such as a constant added to every class's
+    bias), the Newton step is the least-squares one. Returns
     ``(minimizer, final gradient norm, iterations)``.
     """
     shape = init.shape
@@ -103,7 +105,10 @@ def minimize_newton(objective: Callable[[Tensor], Tensor], init: Tensor, *, tol:
     iterations = 0
     while float(g.norm()) > tol and iterations < max_iter:
         hess = hess_fn(x)
-        direction = -torch.linalg.solve(hess, g)
+        step, info = torch.linalg.solve_ex(hess, g)
+        if int(info) != 0:  # singular along directions the objective ignores (softmax's shared bias)
+            step = torch.linalg.lstsq(hess, g.unsqueeze(-1)).solution.squeeze(-1)
+        direction = -step
         slope = float(g @ direction)
         if not slope < 0:  # not a descent direction: fall back to the gradient
             direction, slope = -g, -float(g @ g)

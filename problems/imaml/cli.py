@@ -69,13 +69,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="inner steps (default 16 for 5-way, 25 for 20-way, 20 sinusoid; 10 for MAML/FOMAML on "
                         "the sinusoid)")
     p.add_argument("--inner-optimizer", choices=INNER_OPTIMIZERS, default=defaults.inner_optimizer,
-                   help="armijo: gradient descent with a per-task backtracking step that cannot diverge "
-                        "(default on the sinusoid); gd: fixed steps of --inner-lr (default otherwise); nesterov; "
-                        "lbfgs and newton_cg (iMAML-HF): the library's inner solvers, at most --inner-steps "
-                        "iterations to --inner-tol (bilevel.solvers.minimize)")
+                   help="newton_cg (iMAML-HF, the sinusoid default) and lbfgs: the library's inner solvers, "
+                        "at most --inner-steps iterations to --inner-tol (bilevel.solvers.minimize); armijo: "
+                        "gradient descent with a per-task backtracking step that cannot diverge; gd: fixed steps "
+                        "of --inner-lr (the default otherwise); nesterov")
     p.add_argument("--inner-tol", type=real(0, low_open=True),
                    help="armijo, lbfgs, newton_cg: a task whose inner gradient norm is at most this is solved "
-                        "and stops (default 1e-3 sinusoid)")
+                        "and stops (default 1e-4 sinusoid)")
     p.add_argument("--activation", choices=ACTIVATIONS, default=defaults.activation,
                    help="the network's nonlinearity: relu (the papers', the Omniglot default) or a smooth one, "
                         "silu (the sinusoid default) or softplus, with which the proximal inner problem is "

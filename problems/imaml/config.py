@@ -30,8 +30,9 @@ VARIANTS = {"reference": dict(prox_schedule="last_step", damping=22.0),
             "formula": dict(prox_schedule="every_step", damping=0.0)}
 EVAL_BN = ("balanced", "queries")
 LR_SCHEDULES = ("constant", "cosine")
-# The sinusoid main job's iMAML settings, chosen by benchmarks/imaml_sweep.py (docs/imaml.md,
-# "Choosing the main job's settings").
+# The sinusoid main job's iMAML settings: lam, the adjoint solver and the steps chosen by
+# benchmarks/imaml_sweep.py (docs/results/imaml.md, "Choosing the main job's settings"); the SiLU
+# network and its inner problem solved by Newton-CG (docs/imaml.md, iMAML-HF).
 SINUSOID = dict(lam=3.0, inner_steps=100, inner_optimizer="newton_cg", inner_tol=1e-4, activation="silu",
                 solver="minres", cg_steps=20, solver_rtol=1e-2, steps=1000)
 INNER_OPTIMIZERS = ("gd", "nesterov", "armijo", "lbfgs", "newton_cg")

@@ -78,10 +78,10 @@ PER_STEP_RULES = ("lookahead", "influence")
 OUTER_SOLVING = ("nested", "influence")
 """Methods whose weight updates solve the outer adjoint system (their solves are counted by status)."""
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    # The documented sinusoid K = 10 setting (docs/nested.md, "How the settings were chosen").
+    # The documented sinusoid K = 10 setting (docs/results/nested.md, "How the settings were chosen").
     "sinusoid": dict(shots=10, queries=10, lam=10.0, inner_lr=0.02, inner_steps=20, maml_inner_steps=10,
                      meta_lr=3e-3, train_tasks=40, test_tasks=1000, steps=400, meta_batch=None),
-    # Omniglot 5-way 1-shot sized for a CPU (docs/nested.md, "Omniglot with flipped labels").
+    # Omniglot 5-way 1-shot sized for a CPU (docs/results/nested.md, "Omniglot with flipped labels").
     "omniglot": dict(shots=1, queries=5, lam=0.5, inner_lr=0.4, inner_steps=8, maml_inner_steps=5,
                      meta_lr=1e-3, train_tasks=400, test_tasks=600, steps=300, meta_batch=8),
 }

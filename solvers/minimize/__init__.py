@@ -6,15 +6,15 @@ validated object with scipy's words, called as ``minimizer(objective, x0) ->
 MinimizeResult``, with a per-problem status decided on the gradient at the
 returned point:
 
-================ ============================================= ==========================
-minimizer        for                                           reference
-================ ============================================= ==========================
-NewtonCG         smooth objectives, tight tolerances (default) Nocedal-Wright Alg. 7.1
-LBFGS            smooth objectives, no second derivatives      Liu-Nocedal 1989
-Armijo           steepest descent that never increases ``f``   Armijo 1966
-Nesterov         accelerated fixed step (convex, ``lr <= 1/L``) Nesterov 1983
-GradientDescent  the plain fixed step (MAML's iteration)       Cauchy 1847
-================ ============================================= ==========================
+================ ============================================== ========================
+minimizer        for                                            reference
+================ ============================================== ========================
+NewtonCG         smooth objectives, tight tolerances (default)  Nocedal-Wright Alg. 7.1
+LBFGS            smooth objectives, no second derivatives       Liu-Nocedal 1989
+Armijo           steepest descent that never increases ``f``    Armijo 1966
+Nesterov         accelerated fixed step (``lr <= 1/L``)         Nesterov 1983
+GradientDescent  the plain fixed step (MAML's iteration)        Cauchy 1847
+================ ============================================== ========================
 
 See ``docs/core.md``, "Solving the inner problem".
 """
