@@ -97,7 +97,8 @@ class Monitor:
         return (f"step {record['step']}: {total - converged} of {total} adjoint solves missed the tolerance "
                 f"in the last window ({failed}; {self.failing_windows} such window(s) so far): the implicit "
                 f"meta-gradient is approximate. Raise --solver-maxiter, add --damping, use --solver minres for "
-                f"indefinite systems, or solve the inner problem further (--inner-optimizer armijo)")
+                f"indefinite systems, or solve the inner problem (--inner-optimizer newton_cg or lbfgs with a smooth "
+                f"--activation silu)")
 
     def _spikes(self, first_step: int, losses: list[float]) -> str | None:
         message = None
