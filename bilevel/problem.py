@@ -169,7 +169,7 @@ class BilevelProblem:
         In order: ``inner_solver`` when set; plain gradient descent of ``inner_lr`` for at
         most ``inner_steps`` steps, stopping at ``||G|| <= inner_tol``, when the problem sets
         any of those three; else :class:`~bilevel.solvers.minimize.NewtonCG` with its
-        defaults, which solves to a gradient norm of ``default_rtol`` (1.6e-10 in float64)
+        defaults, which solves to a gradient norm of ``default_rtol`` (1.8e-12 in float64)
         relative to the start's.
         """
         defines_objective = type(self).inner_objective is not BilevelProblem.inner_objective
