@@ -127,7 +127,7 @@ TINY = ["--size", "12", "--n-train", "2", "--n-test", "2", "--grid", "3", "--gri
 @pytest.mark.parametrize("how", ["optimality", "pg", "admm", "unrolled"])
 def test_command_runs_end_to_end(tmp_path, capsys, how):
     extra = ["--max-iter", "300", "--on-failure", "ignore"] if how == "unrolled" else []
-    assert run([*TINY, *extra, "--differentiation", how, "--steps", "3", "--out-dir", str(tmp_path)]) == 0
+    assert run([*TINY, *extra, "--mode", how, "--steps", "3", "--out-dir", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "final.json").read_text())
     assert "held-out PSNR" in capsys.readouterr().out  # the closing report reads; the figures stay in files
     rows = records(tmp_path)
@@ -137,13 +137,13 @@ def test_command_runs_end_to_end(tmp_path, capsys, how):
     assert summary["adjoint_statuses"] == expected and all(r["adjoint_status"] for r in rows) != (how == "unrolled")
     assert summary["learned_test_psnr"] > summary["observed_test_psnr"]
     with pytest.raises(FileExistsError, match="--resume"):
-        run([*TINY, "--differentiation", how, "--steps", "3", "--out-dir", str(tmp_path)])
+        run([*TINY, "--mode", how, "--steps", "3", "--out-dir", str(tmp_path)])
 
 
 def test_resume_continues_exactly_and_refuses_other_settings(tmp_path, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run([*TINY, "--differentiation", "pg", "--steps", "4", "--out-dir", str(straight)]) == 0
-    assert run([*TINY, "--differentiation", "pg", "--steps", "2", "--out-dir", str(resumed)]) == 0
+    assert run([*TINY, "--mode", "pg", "--steps", "4", "--out-dir", str(straight)]) == 0
+    assert run([*TINY, "--mode", "pg", "--steps", "2", "--out-dir", str(resumed)]) == 0
     with pytest.raises(ValueError, match="--eps"):
         run(["--out-dir", str(resumed), "--steps", "4", "--resume", "--eps", "0.1"])
     assert run(["--out-dir", str(resumed), "--steps", "4", "--resume", "--no-progress"]) == 0

@@ -225,7 +225,7 @@ COMMANDS = {
     "prox": Command(
         "prox",
         lambda out, data: ["prox", "--size", "12", "--n-train", "2", "--n-test", "2", "--grid", "3", "--filters",
-                           "tv", "--steps", "4", "--checkpoint-every", "1", "--differentiation", "pg", "--seed", "3",
+                           "tv", "--steps", "4", "--checkpoint-every", "1", "--mode", "pg", "--seed", "3",
                            "--no-progress", "--device", "cpu", "--out-dir", str(out)],
         lambda out: ["prox", "--out-dir", str(out), "--resume"], "checkpoint.pt", _prox_outcome),
     "nested": Command(

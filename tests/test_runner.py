@@ -207,6 +207,7 @@ OLD_SPELLINGS = [
     (("prox",), "--adjoint-rtol", "0.5", "solver_rtol", 0.5),
     (("prox",), "--adjoint-maxiter", "7", "solver_maxiter", 7),
     (("prox",), "--max-iter", "7", "inner_steps", 7),
+    (("prox",), "--differentiation", "admm", "differentiation", "admm"),
     (("nested",), "--solver-steps", "7", "solver_maxiter", 7),
 ]
 

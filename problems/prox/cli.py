@@ -7,8 +7,8 @@ with a Gaussian blur ``k`` and finite-difference filters ``d_j`` (learned too wi
 the best single weight of a grid. Examples::
 
     bilevel prox --dataset shapes --out-dir runs/prox                      # (a) grad E = 0, CG
-    bilevel prox --differentiation pg --solver bicgstab --out-dir runs/prox-pg
-    bilevel prox --dataset mnist --data-dir ../shared/data --differentiation admm --out-dir runs/prox-mnist
+    bilevel prox --mode pg --solver bicgstab --out-dir runs/prox-pg
+    bilevel prox --dataset mnist --data-dir ../shared/data --mode admm --out-dir runs/prox-mnist
     bilevel prox --out-dir runs/prox --resume        # continue a stopped run, with its settings
 
 An output folder that holds a run is refused unless --resume continues it or
@@ -57,11 +57,13 @@ def register(subparsers: Any) -> None:
                        help="tv: first differences; fd: first and second differences (default)")
     model.add_argument("--learn-filters", action="store_true", help="learn the 3x3 filters too (field of experts)")
     model.add_argument("--eps", type=real(0, low_open=True), default=d.eps, help="Huber width (default %(default)s)")
-    model.add_argument("--differentiation", choices=tuple(DIFFERENTIATIONS), default=d.differentiation,
-                       help="optimality: grad E = 0 (CG); pg: proximal-gradient fixed point (GMRES); admm: ADMM "
-                            "fixed point on (x, z, u) (GMRES); unrolled: reverse mode through --inner-steps PG steps")
+    model.add_argument("--mode", dest="differentiation", choices=tuple(DIFFERENTIATIONS), default=d.differentiation,
+                       help="how the hypergradient is taken: optimality: implicitly through grad E = 0 (CG); pg: "
+                            "through the proximal-gradient fixed point (GMRES); admm: through the ADMM fixed point "
+                            "on (x, z, u) (GMRES); unrolled: reverse mode through --inner-steps PG steps")
+    deprecated_alias(model, "--differentiation", "--mode", "differentiation", choices=tuple(DIFFERENTIATIONS))
     model.add_argument("--forward", choices=FORWARD, default=d.forward,
-                       help="forward solver for --differentiation optimality (default %(default)s)")
+                       help="forward solver for --mode optimality (default %(default)s)")
     model.add_argument("--tol", type=real(0), default=d.tol, help="forward solvers' relative-change tolerance")
     model.add_argument("--penalty", type=real(0, low_open=True), default=d.penalty,
                        help="ADMM penalty, relative to mean(w) / eps (default %(default)s)")
