@@ -57,7 +57,6 @@ REPO = HERE.parent
 RESULTS = REPO / "results"
 sys.path.insert(0, str(HERE))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import _reference as R  # noqa: E402

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 import bilevel
 from bilevel import solvers
 from bilevel.testing import strategies as bst
-from bilevel.testing.families import FAMILIES, ProblemCase, stack_data
+from bilevel.testing.families import ProblemCase, stack_data
 from bilevel.testing.outcomes import TRANSFORMS, Outcome, Verdict, classify, derivative_through, linear_reference
 from bilevel.testing.strategies import operator_matrix
 

@@ -57,7 +57,7 @@ from bilevel.problems.imaml.problem import balanced_groups
 from bilevel.problems.nested.problem import (WEIGHTINGS, NestedData, NestedMAMLProblem, influence_weights,
                                              lookahead_weights, task_weights)
 from bilevel.problems.nested.tasks import CorruptedOmniglot, CorruptedSinusoid, TaskPool
-from bilevel.runner import Command, Run
+from bilevel.runner import Command
 from bilevel.runner import run as run_loop
 from bilevel.solvers import GMRES, Status
 
