@@ -162,11 +162,11 @@ def curvatures(method: Method, outer: dict, data: dict, inner: dict,
 
 def meta_step(method: Method, outer: dict, batch: dict, chunk_size: int | None = None) -> bilevel.HypergradientResult:
     """Hypergradients of every task in ``batch``, vmapped (``chunk_size`` tasks at a time, ``None``:
-    all); failure policy applied after."""
+    all); the failure policy applied once, after, to the whole batch."""
     kwargs = {"solver": method.solver} if method.mode == "implicit" else {}
 
     def one(data: dict) -> bilevel.HypergradientResult:
-        return bilevel.hypergradient(method.problem, outer, data, mode=method.mode, **kwargs)
+        return bilevel.hypergradient(method.problem, outer, data, mode=method.mode, on_failure="ignore", **kwargs)
 
     result = torch.func.vmap(one, chunk_size=chunk_size)(batch)
     return bilevel.check_result(result, on_failure="warn", residual_tol=method.problem.residual_tol)
