@@ -237,7 +237,7 @@ class Iterate:
     def __init__(self, x: Tensor, f: Tensor, g: Tensor, tol: Tensor, f0: Tensor):
         self.x, self.f, self.g, self.tol, self.f0 = x, f, g, tol, f0
         self.gnorm = self.gnorm0 = self.best = norm(g)
-        self.lowest = f
+        self.anchor = f
         batch = f.shape
         self.iterations = torch.zeros(batch, dtype=torch.int64, device=x.device)
         self.stale = torch.zeros(batch, dtype=torch.int64, device=x.device)
@@ -265,9 +265,10 @@ class Iterate:
         """Move the problems in ``moved`` to ``(x, f, g)``, count the iteration, and decide
         which stop: converged, diverged (``|f - f0| > (1 + |f0|) / eps``), non-finite, or
         stalled (``NO_DECREASE``: :data:`STALL_ITERATIONS` moves in a row with neither a new
-        smallest gradient norm nor a new lowest objective by more than
-        ``sqrt(eps) max(|f|, |f0|)``, as at the rounding floor, where the steps only shuffle
-        rounding errors: the tolerance is below what this precision resolves)."""
+        smallest gradient norm nor a decrease of the objective by more than
+        ``100 eps max(|f|, |f0|)`` from its value at the last such progress, as at the
+        rounding floor, where the steps only shuffle rounding errors: the tolerance is below
+        what this precision resolves)."""
         self.x = select(moved, x, self.x)
         self.f = select(moved, f, self.f)
         self.g = select(moved, g, self.g)
@@ -279,10 +280,10 @@ class Iterate:
         bound = (1 + self.f0.abs()) / machine_eps(self.x.dtype)
         self.status = mark(self.status, running & ((self.f - self.f0).abs() > bound), MinimizeStatus.DIVERGED)
         self.status = mark(self.status, self.active & (self.gnorm <= self.tol), MinimizeStatus.CONVERGED)
-        slack = machine_eps(self.x.dtype) ** 0.5 * torch.maximum(self.f.abs(), self.f0.abs())
-        improved = (self.gnorm < self.best) | (self.f < self.lowest - slack)
+        slack = 100 * machine_eps(self.x.dtype) * torch.maximum(self.f.abs(), self.f0.abs())
+        improved = (self.gnorm < self.best) | (self.f < self.anchor - slack)
         self.best = torch.minimum(self.best, self.gnorm)
-        self.lowest = torch.minimum(self.lowest, self.f)
+        self.anchor = torch.where(improved, self.f, self.anchor)  # the value at the last progress
         self.stale = torch.where(moved & ~improved, self.stale + 1, torch.where(moved, 0, self.stale))
         self.stall(self.stale >= STALL_ITERATIONS)
 
