@@ -67,7 +67,7 @@ def test_the_default_tolerance_below_the_rounding_floor_stalls_with_no_decrease(
         f, A, b, x_star = quadratic(seed, 30, 1e6)
         result = NewtonCG()(f, torch.zeros(30, dtype=DT))
         assert status(result) in (MinimizeStatus.CONVERGED, MinimizeStatus.NO_DECREASE)
-        assert int(result.iterations) < 200
+        assert int(result.iterations) < 400  # of maxiter 1000
         assert float((result.x - x_star).norm() / x_star.norm()) < 1e-10
         stalled += status(result) is MinimizeStatus.NO_DECREASE
         assert (status(result) is MinimizeStatus.CONVERGED) == (float(result.grad_norm) <= default_rtol(DT) * float(b.norm()))
