@@ -127,7 +127,8 @@ class MinimizeResult:
 # ----------------------------------------------------------------- flat points
 
 class FlatProblem:
-    """The objective on flat points ``(*batch, n)``, with its gradient and Hessian-vector products."""
+    """The objective on flat points ``(*batch, n)``, with its gradient and Hessian-vector products,
+    and its value ``f0`` and gradient ``g0`` at the start ``x0``."""
 
     def __init__(self, objective: Objective, x0: Any):
         if not callable(objective):
@@ -142,11 +143,16 @@ class FlatProblem:
             raise TypeError(f"x0's tensors must share one real floating dtype (float32/float64), got "
                             f"{sorted(str(d) for d in dtypes)}; convert them with .double() or .float()")
         self.objective = objective
-        with torch.no_grad():
-            f0 = objective(x0)
-        if not isinstance(f0, Tensor):
-            raise TypeError(f"objective must return a tensor, got {type(f0).__name__}")
-        self.batch = tuple(f0.shape)
+
+        def sum_and_values_at_start(tree: Any) -> tuple[Tensor, Tensor]:
+            values = objective(tree)
+            if not isinstance(values, Tensor):
+                raise TypeError(f"objective must return a tensor, got {type(values).__name__}")
+            return values.sum(), values
+
+        # The start's value and gradient, taken on x0 as given: its value's shape says the batch.
+        g0, (_, self.f0) = torch.func.grad_and_value(sum_and_values_at_start, has_aux=True)(x0)
+        self.batch = tuple(self.f0.shape)
         for i, t in enumerate(leaves):
             if tuple(t.shape[:len(self.batch)]) != self.batch:
                 raise ValueError(f"objective returned shape {self.batch} (one value per problem), but leaf {i} "
@@ -154,11 +160,15 @@ class FlatProblem:
                                  "scalar (.sum() or .mean()) for one problem")
         self.shapes = [tuple(t.shape[len(self.batch):]) for t in leaves]
         self.sizes = [math.prod(s) for s in self.shapes]
-        self.x0 = torch.cat([t.reshape(self.batch + (-1,)) for t in leaves], dim=-1) if len(leaves) > 1 \
-            else leaves[0].reshape(self.batch + (-1,))
+        self.x0, self.g0 = self.flatten(leaves), self.flatten(pytree.tree_leaves(g0))
         total = self.sum_and_values
         self._value_and_grad = torch.func.grad_and_value(total, has_aux=True)
         self._grad = torch.func.grad(lambda x: total(x)[0])
+
+    def flatten(self, leaves: list[Tensor]) -> Tensor:
+        """The leaves of a point (or a gradient) as one ``(*batch, n)`` vector."""
+        flat = [t.reshape(self.batch + (-1,)) for t in leaves]
+        return torch.cat(flat, dim=-1) if len(flat) > 1 else flat[0]
 
     def unflatten(self, x: Tensor) -> Any:
         if len(self.sizes) == 1:
@@ -234,8 +244,8 @@ class Minimizer:
 class Iterate:
     """The mutable state of a batched minimization: point, value, gradient, statuses."""
 
-    def __init__(self, x: Tensor, f: Tensor, g: Tensor, tol: Tensor, f0: Tensor):
-        self.x, self.f, self.g, self.tol, self.f0 = x, f, g, tol, f0
+    def __init__(self, x: Tensor, f: Tensor, g: Tensor, tol: Tensor):
+        self.x, self.f, self.g, self.tol, self.f0 = x, f, g, tol, f
         self.gnorm = self.gnorm0 = self.best = norm(g)
         self.anchor = f
         batch = f.shape
@@ -247,11 +257,10 @@ class Iterate:
 
     @classmethod
     def start(cls, problem: FlatProblem, options: Minimizer) -> "Iterate":
-        x = problem.x0
-        f, g = problem.value_and_grad(x)
+        x, f, g = problem.x0, problem.f0, problem.g0
         rtol = default_rtol(x.dtype) if options.rtol is None else options.rtol
         tol = torch.clamp(rtol * norm(g), min=options.atol)
-        return cls(x, f, g, tol, f)
+        return cls(x, f, g, tol)
 
     @property
     def active(self) -> Tensor:
@@ -297,7 +306,6 @@ class Iterate:
         status = mark(self.status, self.active, MinimizeStatus.MAX_ITERATIONS)
         status = mark(status, ~(torch.isfinite(self.f) & finite(self.g) & finite(self.x)), MinimizeStatus.NONFINITE)
         status = mark(status, met & finite(self.x), MinimizeStatus.CONVERGED)
-        status = mark(status, (status == int(MinimizeStatus.CONVERGED)) & ~met, MinimizeStatus.MAX_ITERATIONS)
         x = self.x
         bad = status == int(MinimizeStatus.NONFINITE)
         if values_hidden(x) or bool(bad.any()):
