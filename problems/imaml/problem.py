@@ -125,9 +125,9 @@ class IMAMLProblem(bilevel.BilevelProblem):
             return self.inner_optimizer
         if self.inner_optimizer in ("gd", "nesterov"):
             return None
-        tolerance = {} if self.inner_tol is None else {"rtol": 0.0, "atol": self.inner_tol}
         if self.inner_optimizer == "armijo":
             return Armijo(lr=self.inner_lr, maxiter=self.inner_steps, rtol=0.0, atol=self.inner_tol or 0.0)
+        tolerance = {} if self.inner_tol is None else {"rtol": 0.0, "atol": self.inner_tol}
         return dataclasses.replace(get_minimizer(self.inner_optimizer), maxiter=self.inner_steps, **tolerance)
 
     def inner_solve(self, theta: Params, task: Task, init: Params) -> MinimizeResult | None:
@@ -141,10 +141,11 @@ class IMAMLProblem(bilevel.BilevelProblem):
     def solve_inner(self, theta: Params, task: Task, init: Params) -> Params:
         """``inner_steps`` of gradient descent (no early exit) or of Nesterov's method, or the
         library inner solver's solution."""
+        report = self.inner_solve(theta, task, init)
+        if report is not None:
+            return report.x
         minimizer = self.inner_minimizer()
-        if minimizer is not None:
-            if self.prox_schedule == "every_step":
-                return self.inner_solve(theta, task, init).x
+        if minimizer is not None:  # prox_schedule="last_step": the support loss alone, then one proximal step
             return self._last_prox_step(minimizer(lambda phi: self.support_loss(phi, task), init).x, theta)
         support_grad = torch.func.grad(self.support_loss)
 
