@@ -159,6 +159,8 @@ class BilevelProblem:
 
     @property
     def overrides_inner_update(self) -> bool:
+        """Whether the subclass (or instance) brings its own :meth:`inner_update` (the default
+        :meth:`solve_inner` then iterates it rather than run a minimizer)."""
         return "inner_update" in vars(self) or type(self).inner_update is not BilevelProblem.inner_update
 
     def inner_minimizer(self) -> Minimizer | None:
